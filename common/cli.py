@@ -1,0 +1,79 @@
+"""`tgq` command line: `serve`, `api`, `worker`, `bench`.
+
+Flags are resolved here, once, into frozen settings objects that are passed down. The heavy
+packages (flask for the API, torch for the worker) are imported only by the subcommand that
+needs them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .settings import (ApiSettings, LimitSettings, ModelSettings, RedisSettings, SettingsError,
+                       WorkerSettings, add_cli_args, from_cli_args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tgq", description="TGI-compatible text generation over Redis")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="redis (private, unless --redis-url) + one worker + the API")
+    for cls in (ModelSettings, LimitSettings, ApiSettings, WorkerSettings):
+        add_cli_args(serve, cls)
+    serve.add_argument("--redis-url", default=None,
+                       help="use this Redis instead of starting a private redis-server [env TGQ_REDIS_URL]")
+
+    api = sub.add_parser("api", help="the HTTP API under gunicorn (gevent)")
+    for cls in (RedisSettings, ModelSettings, LimitSettings, ApiSettings):
+        add_cli_args(api, cls)
+
+    worker = sub.add_parser("worker", help="one worker process with the model loaded")
+    for cls in (RedisSettings, ModelSettings, LimitSettings, WorkerSettings):
+        add_cli_args(worker, cls)
+
+    bench = sub.add_parser("bench", help="load generator against a running server")
+    bench.add_argument("--url", default="http://127.0.0.1:3000")
+    bench.add_argument("--clients", type=int, default=8, help="concurrent streaming clients")
+    bench.add_argument("--prompt-tokens", type=int, default=32, help="approximate prompt length")
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--requests", type=int, default=0, help="stop after this many requests (0: use --duration)")
+    bench.add_argument("--duration", type=float, default=30.0, help="seconds to run when --requests is 0")
+    bench.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    bench.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "api":
+            from api.server import run_api
+
+            return run_api(from_cli_args(RedisSettings, args), from_cli_args(ModelSettings, args),
+                           from_cli_args(LimitSettings, args), from_cli_args(ApiSettings, args))
+        if args.command == "worker":
+            from worker.main import run_worker
+
+            return run_worker(from_cli_args(RedisSettings, args), from_cli_args(ModelSettings, args),
+                              from_cli_args(LimitSettings, args), from_cli_args(WorkerSettings, args))
+        if args.command == "serve":
+            from .serve import run_serve
+
+            import os
+            redis_url = args.redis_url or os.environ.get("TGQ_REDIS_URL") or None
+            return run_serve(redis_url, from_cli_args(ModelSettings, args), from_cli_args(LimitSettings, args),
+                             from_cli_args(ApiSettings, args), from_cli_args(WorkerSettings, args))
+        if args.command == "bench":
+            from bench.client import run_bench
+
+            return run_bench(args)
+    except SettingsError as exc:
+        print(f"tgq: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

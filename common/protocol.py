@@ -1,0 +1,115 @@
+"""The API <-> worker contract on Redis: key and channel names, and the message envelope.
+
+This is the only module that spells a Redis key or channel. Everything on the wire is JSON
+(orjson); nothing is pickled.
+
+Path of one request:
+  API:    validate -> SUBSCRIBE reply_channel(api instance) (once per process)
+          -> RQ enqueue on queue_name(model_id) (job id = request id, args = [job dict])
+  worker: dequeue a batch -> each step PUBLISH the step's events, one pipeline for all rows
+          -> on finish SET result_key(request id) with a TTL, mark the RQ job finished
+  API:    relay events by request id; forward only indexes above the last one sent
+  cancel: API SETs cancel_key(request id); the worker checks its rows' keys once per step
+
+Envelope: {"v": 1, "type": "token"|"final"|"error", "request_id", "attempt", ...payload}.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+
+from .schemas import (ErrorEvent, Event, FinalEvent, FinishReason, PrefillToken, Token,
+                      TokenEvent)
+
+VERSION = 1
+PREFIX = "tgq"
+RESULT_TTL_S = 600  # how long a final result stays readable for a late reader
+CANCEL_TTL_S = 3600
+
+# The function path RQ records for our jobs. Workers never let RQ call it: the batching worker
+# takes the job's payload (args[0]) and runs it in its batch.
+JOB_FUNC = "worker.rq_worker.generate"
+
+
+def queue_name(model_id: str) -> str:
+    """RQ queue name for a model: several models behind one Redis is a routing table."""
+    return f"{PREFIX}:{model_id}"
+
+
+def reply_channel(instance_id: str) -> str:
+    """Pub/sub channel of one API process; all of its requests' events arrive there."""
+    return f"{PREFIX}:reply:{instance_id}"
+
+
+def result_key(request_id: str) -> str:
+    return f"{PREFIX}:result:{request_id}"
+
+
+def cancel_key(request_id: str) -> str:
+    return f"{PREFIX}:cancel:{request_id}"
+
+
+def worker_stats_key(worker_name: str) -> str:
+    """Hash with a worker's current batch size etc., read by the API's /metrics at scrape time."""
+    return f"{PREFIX}:worker:{worker_name}"
+
+
+WORKERS_SET = f"{PREFIX}:workers"
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _token(t: Token) -> dict[str, Any]:
+    return {"id": t.id, "text": t.text, "logprob": _finite(t.logprob), "special": t.special}
+
+
+def encode_event(event: Event) -> bytes:
+    if isinstance(event, TokenEvent):
+        return orjson.dumps({"v": VERSION, "type": "token", "request_id": event.request_id,
+                             "attempt": event.attempt, "index": event.index, "token": _token(event.token)})
+    if isinstance(event, FinalEvent):
+        return orjson.dumps({
+            "v": VERSION, "type": "final", "request_id": event.request_id, "attempt": event.attempt,
+            "index": event.index, "token": _token(event.token), "generated_text": event.generated_text,
+            "finish_reason": event.finish_reason.value, "generated_tokens": event.generated_tokens,
+            "seed": event.seed, "started_at": event.started_at, "finished_at": event.finished_at,
+            "tokens": [_token(t) for t in event.tokens],
+            "prefill": [p.to_dict() for p in event.prefill]})
+    if isinstance(event, ErrorEvent):
+        return orjson.dumps({"v": VERSION, "type": "error", "request_id": event.request_id,
+                             "attempt": event.attempt, "message": event.message,
+                             "error_type": event.error_type})
+    raise TypeError(f"not an event: {event!r}")
+
+
+class ProtocolError(ValueError):
+    """A message that is not a tgq event of a version this process understands."""
+
+
+def decode_event(data: bytes | str) -> Event:
+    try:
+        d = orjson.loads(data)
+        if d.get("v") != VERSION:
+            raise ProtocolError(f"unsupported protocol version {d.get('v')!r}")
+        kind = d["type"]
+        if kind == "token":
+            return TokenEvent(d["request_id"], int(d["attempt"]), int(d["index"]), Token.from_dict(d["token"]))
+        if kind == "final":
+            return FinalEvent(
+                request_id=d["request_id"], attempt=int(d["attempt"]), index=int(d["index"]),
+                token=Token.from_dict(d["token"]), generated_text=d["generated_text"],
+                finish_reason=FinishReason(d["finish_reason"]), generated_tokens=int(d["generated_tokens"]),
+                seed=d["seed"], started_at=float(d["started_at"]), finished_at=float(d["finished_at"]),
+                tokens=tuple(Token.from_dict(t) for t in d["tokens"]),
+                prefill=tuple(PrefillToken.from_dict(p) for p in d["prefill"]))
+        if kind == "error":
+            return ErrorEvent(d["request_id"], int(d["attempt"]), d["message"], d["error_type"])
+        raise ProtocolError(f"unknown event type {kind!r}")
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, ProtocolError):
+            raise
+        raise ProtocolError(str(exc)) from exc

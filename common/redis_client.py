@@ -1,0 +1,19 @@
+"""The one place that builds Redis clients (password and TLS come in through the URL)."""
+from __future__ import annotations
+
+import redis
+
+from .settings import RedisSettings
+
+
+def connect(settings: RedisSettings, *, socket_timeout: float | None = 30.0,
+            max_connections: int = 200) -> redis.Redis:
+    """A client for `settings.redis_url`.
+
+    redis-py 8 defaults to a 5 s socket timeout and 100 connections per pool; blocking reads in
+    tgq wait at most a few seconds, so 30 s only bounds a dead server. RESP2 keeps RQ's replies
+    in the shapes it expects.
+    """
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=socket_timeout,
+                                socket_connect_timeout=5.0, health_check_interval=10,
+                                max_connections=max_connections, protocol=2)

@@ -1,0 +1,147 @@
+"""Settings for every tgq process, resolved once at the entry point.
+
+Each field of a settings dataclass is a command-line flag (`--max-batch-size`) whose default comes
+from the environment variable `TGQ_<FLAG>` (`TGQ_MAX_BATCH_SIZE`) and then from the field default.
+Nothing here reads the environment at import time: `add_cli_args` reads it when a parser is built.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, TypeVar
+
+T = TypeVar("T")
+
+ENV_PREFIX = "TGQ_"
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    # `from __future__ import annotations` makes f.type a string.
+    name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+    name = name.replace(" | None", "").replace("Optional[", "").rstrip("]")
+    return {"int": int, "float": float, "bool": bool}.get(name, str)
+
+
+def add_cli_args(parser: argparse.ArgumentParser, cls: type, environ: Mapping[str, str] | None = None) -> None:
+    """Add one flag per field of `cls`; defaults come from `TGQ_<FLAG>` in `environ`, then the field."""
+    env = os.environ if environ is None else environ
+    for f in dataclasses.fields(cls):
+        flag = f.name.replace("_", "-")
+        env_name = ENV_PREFIX + f.name.upper()
+        kind = _field_type(f)
+        default = f.default
+        if env_name in env:
+            raw = env[env_name]
+            default = _parse_bool(raw) if kind is bool else kind(raw)
+        help_text = f"{f.metadata.get('help', '')} [env {env_name}; default: {default!r}]"
+        if kind is bool:
+            parser.add_argument(f"--{flag}", dest=f.name, type=_parse_bool, nargs="?", const=True,
+                                default=default, help=help_text)
+        else:
+            parser.add_argument(f"--{flag}", dest=f.name, type=kind, default=default,
+                                choices=f.metadata.get("choices"), help=help_text)
+
+
+def from_cli_args(cls: type[T], ns: argparse.Namespace) -> T:
+    """Build `cls` from the parsed flags that belong to it."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def from_env(cls: type[T], environ: Mapping[str, str] | None = None) -> T:
+    """Build `cls` from `TGQ_*` variables alone (for processes started without flags, e.g. gunicorn)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_cli_args(parser, cls, environ)
+    return from_cli_args(cls, parser.parse_args([]))
+
+
+class SettingsError(ValueError):
+    """A setting has a value the process cannot run with."""
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    redis_url: str = _opt("redis://127.0.0.1:6379/0",
+                          "Redis URL; rediss:// for TLS, redis://:password@host:port/db for a password")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    model: str = _opt("smollm2", "'smollm2' (SmolLM2-135M-Instruct), a local HF model directory or a .gguf file")
+    model_id: str = _opt("", "name used for the queue (tgq:<model-id>); derived from --model when empty")
+    cache_dir: str = _opt("", "where converted GGUF models are cached; default ~/.cache/tgq")
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """TGI 0.5.0's request limits (router flags), enforced by the API and sized for by the worker."""
+    max_input_length: int = _opt(1000, "maximum prompt tokens")
+    max_total_tokens: int = _opt(1512, "maximum prompt + new tokens")
+    max_best_of: int = _opt(2, "maximum best_of")
+    max_stop_sequences: int = _opt(4, "maximum number of stop sequences")
+    max_queue_length: int = _opt(128, "answer 429 when this many jobs are waiting in Redis")
+
+    def __post_init__(self) -> None:
+        if self.max_input_length >= self.max_total_tokens:
+            raise SettingsError("`max_input_length` must be < `max_total_tokens`")
+        for name in ("max_input_length", "max_best_of", "max_queue_length"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"`{name}` must be >= 1")
+        if self.max_stop_sequences < 0:
+            raise SettingsError("`max_stop_sequences` must be >= 0")
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    host: str = _opt("0.0.0.0", "address to bind")
+    port: int = _opt(3000, "port to bind")
+    workers: int = _opt(2, "gunicorn (gevent) worker processes")
+    api_key: str = _opt("", "when set, generation routes need 'Authorization: Bearer <key>'")
+    cors_allow_origin: str = _opt("", "comma-separated allowed origins; empty allows any origin")
+    max_body_bytes: int = _opt(2_000_000, "largest accepted request body")
+    request_timeout: float = _opt(600.0, "seconds a request may wait for its result before 500")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise SettingsError("`port` must be in 1..65535")
+        if self.workers < 1:
+            raise SettingsError("`workers` must be >= 1")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    device: str = _opt("cpu", "torch device", choices=("cpu", "cuda"))
+    dtype: str = _opt("bf16", "weights and activations dtype", choices=("bf16", "fp16", "fp32"))
+    max_batch_size: int = _opt(32, "most rows decoded together")
+    threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
+    max_batch_total_tokens: int = _opt(0, "token budget of the running batch (0: max_batch_size * max_total_tokens)")
+    max_batch_prefill_tokens: int = _opt(4096, "most prompt tokens prefilled in one step")
+    waiting_served_ratio: float = _opt(1.2, "admit waiting jobs while a batch runs once waiting >= ratio * running")
+    max_waiting_tokens: int = _opt(20, "decode steps after which waiting jobs are admitted regardless")
+    metrics_port: int = _opt(0, "port for this worker's Prometheus metrics (0: none)")
+    name: str = _opt("", "worker name in RQ (default: host.pid)")
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise SettingsError("`max_batch_size` must be >= 1")
+        if self.threads < 0:
+            raise SettingsError("`threads` must be >= 0")
+        if self.max_batch_prefill_tokens < 1:
+            raise SettingsError("`max_batch_prefill_tokens` must be >= 1")
+        if self.waiting_served_ratio < 0:
+            raise SettingsError("`waiting_served_ratio` must be >= 0")
