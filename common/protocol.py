@@ -51,14 +51,6 @@ def cancel_key(request_id: str) -> str:
     return f"{PREFIX}:cancel:{request_id}"
 
 
-def worker_stats_key(worker_name: str) -> str:
-    """Hash with a worker's current batch size etc., read by the API's /metrics at scrape time."""
-    return f"{PREFIX}:worker:{worker_name}"
-
-
-WORKERS_SET = f"{PREFIX}:workers"
-
-
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
@@ -113,3 +105,17 @@ def decode_event(data: bytes | str) -> Event:
         if isinstance(exc, ProtocolError):
             raise
         raise ProtocolError(str(exc)) from exc
+
+
+def batch_metrics_key(model_id: str) -> str:
+    """Hash of cumulative batch metrics written by every worker of a model (see common.metrics_spec)."""
+    return f"{PREFIX}:metrics:{model_id}"
+
+
+def worker_batch_key(model_id: str, worker_name: str) -> str:
+    """A worker's current batch size, refreshed each step with a short TTL so dead workers vanish."""
+    return f"{PREFIX}:batch:{model_id}:{worker_name}"
+
+
+def worker_batch_pattern(model_id: str) -> str:
+    return f"{PREFIX}:batch:{model_id}:*"
