@@ -135,6 +135,9 @@ class WorkerSettings:
     max_waiting_tokens: int = _opt(20, "decode steps after which waiting jobs are admitted regardless")
     metrics_port: int = _opt(0, "port for this worker's Prometheus metrics (0: none)")
     name: str = _opt("", "worker name in RQ (default: host.pid)")
+    lease_ttl: int = _opt(15, "seconds a job stays leased without renewal before another process re-queues it")
+    max_attempts: int = _opt(3, "runs of a job (first + re-runs after worker deaths) before it fails")
+    grace_period: float = _opt(30.0, "on SIGTERM: seconds to finish the running batch before handing it back")
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -143,5 +146,7 @@ class WorkerSettings:
             raise SettingsError("`threads` must be >= 0")
         if self.max_batch_prefill_tokens < 1:
             raise SettingsError("`max_batch_prefill_tokens` must be >= 1")
+        if self.lease_ttl < 2 or self.max_attempts < 1:
+            raise SettingsError("`lease_ttl` must be >= 2 and `max_attempts` >= 1")
         if self.waiting_served_ratio < 0:
             raise SettingsError("`waiting_served_ratio` must be >= 0")

@@ -1,0 +1,84 @@
+"""`tgq worker`: load the model once, register with RQ, run the batching engine until told to stop.
+
+SIGTERM/SIGINT: stop taking jobs, finish (or hand back) the running batch within the grace
+period, deregister, exit 0. A second signal exits at once; the reaper re-queues the batch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from common import model_files, protocol
+from common.redis_client import connect
+from common.settings import LimitSettings, ModelSettings, RedisSettings, WorkerSettings
+
+log = logging.getLogger("tgq.worker")
+
+
+class StopFlag:
+    """Set by signals; the engine polls it between steps."""
+
+    def __init__(self) -> None:
+        self.requested_at: float | None = None
+
+    def __call__(self) -> bool:
+        return self.requested_at is not None
+
+    def install(self) -> None:
+        def handler(signum: int, _frame: object) -> None:
+            if self.requested_at is None:
+                log.info("signal %d: finishing the running batch, then exiting", signum)
+                self.requested_at = time.monotonic()
+            else:
+                log.info("signal %d again: exiting now; the reaper re-queues the batch", signum)
+                os._exit(1)
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def run_worker(redis_settings: RedisSettings, model_settings: ModelSettings, limits: LimitSettings,
+               settings: WorkerSettings) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .engine import Engine
+    from .metrics import EngineMetrics
+    from .model import load_model
+    from .rq_worker import BatchWorker, RedisJobs
+
+    stop = StopFlag()
+    stop.install()
+    source = model_files.resolve(model_settings.model, model_settings.model_id)
+    started = time.monotonic()
+    loaded = load_model(source, model_settings.cache_dir, settings.device, settings.dtype, settings.threads)
+    log.info("model %s loaded in %.1f s (%s, %s)", source.model_id, time.monotonic() - started,
+             settings.device, settings.dtype)
+
+    connection = connect(redis_settings)
+    queue = Queue(protocol.queue_name(source.model_id), connection=connection, serializer=JSONSerializer)
+    name = settings.name or f"{socket.gethostname()}.{os.getpid()}"
+    rq_worker = BatchWorker([queue], connection=connection, name=name, serializer=JSONSerializer)
+    rq_worker.lease_ttl = settings.lease_ttl
+    rq_worker.register_birth()
+    jobs = RedisJobs(connection, rq_worker, queue, source.model_id, max_attempts=settings.max_attempts)
+    metrics = EngineMetrics(max_batch_size=settings.max_batch_size)
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, registry=metrics.registry)
+        log.info("worker metrics on :%d/metrics", settings.metrics_port)
+
+    engine = Engine(loaded, settings, limits, jobs, jobs, metrics)
+    log.info("worker %s listening on %s (max batch %d)", name, queue.name, settings.max_batch_size)
+    try:
+        engine.run(should_stop=stop, grace_s=settings.grace_period)
+    finally:
+        jobs.close()
+        rq_worker.register_death()
+        log.info("worker %s stopped", name)
+    return 0

@@ -1,0 +1,231 @@
+"""The engine's RequestSource and EventSink over Redis and RQ.
+
+RQ's stock workers run one job at a time (and the default one forks per job). tgq keeps one
+resident model and runs many jobs in one batch, so it uses RQ for what RQ is good at — the queue,
+job hashes, the started/finished/failed/canceled registries, worker registration, so `rq info` and
+rq-dashboard tell the truth — and drives those transitions itself:
+
+  fetch:    LMOVE a job id off the queue (non-blocking), create its Execution, mark it started.
+  step:     one pipeline per step publishes every row's events, renews the rows' leases (at most
+            once a second), reads their cancel flags and adds the batch metrics.
+  finished: RQ's own success/failure handlers; cancelled rows end up in the canceled registry.
+
+A lease is the job's entry in RQ's started registry with a short expiry (`lease_ttl`); the reaper
+(`worker.reaper`) re-queues jobs whose lease expired because their worker died.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from rq import Queue, SimpleWorker
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.registry import CanceledJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.utils import now
+
+from common import protocol
+from common.schemas import ErrorEvent, Event, FinalEvent, GenerationJob
+
+from .reaper import reap_expired
+
+log = logging.getLogger(__name__)
+
+
+def generate(payload: dict[str, Any]) -> None:
+    """The function name RQ records for tgq jobs; only tgq's batching worker may take them."""
+    raise RuntimeError("tgq jobs are run by `tgq worker` (a batching worker), not by `rq worker`")
+
+
+class BatchWorker(SimpleWorker):
+    """An RQ worker that never runs `work()`: it only keeps RQ's bookkeeping for a batching loop."""
+
+    lease_ttl = 15  # seconds; a dead worker's jobs are reaped this long after its last renewal
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return self.lease_ttl
+
+
+@dataclass
+class Running:
+    """A job taken off the queue and held by this worker."""
+    job: GenerationJob
+    rq_job: Job
+    execution: Execution
+
+
+def attempt_of(rq_job: Job) -> int:
+    return int((rq_job.meta or {}).get("attempt", 0))
+
+
+class RedisJobs:
+    """RequestSource and EventSink for `worker.engine.Engine`, backed by one RQ queue."""
+
+    def __init__(self, connection: redis.Redis, worker: BatchWorker, queue: Queue, model_id: str,
+                 max_attempts: int = 3, renew_every_s: float = 1.0, reap_every_s: float = 2.0,
+                 batch_key_ttl_s: int = 10) -> None:
+        self.redis = connection
+        self.worker = worker
+        self.queue = queue
+        self.model_id = model_id
+        self.started_registry = StartedJobRegistry(queue.name, connection, serializer=JSONSerializer)
+        self.held: dict[str, Running] = {}
+        self._stash: list[tuple[Job, Queue]] = []
+        self._renew_every_s = renew_every_s
+        self._last_renewal = 0.0
+        self._batch_key = protocol.worker_batch_key(model_id, worker.name)
+        self._batch_key_ttl_s = batch_key_ttl_s
+        self.max_attempts = max_attempts
+        self._reap_every_s = reap_every_s
+        self._last_reap = 0.0
+        self.metrics_increments: dict[str, float] = {}  # filled by the engine's metrics, flushed per step
+
+    # ---- RequestSource -------------------------------------------------------------------
+    def fetch(self, max_jobs: int) -> list[GenerationJob]:
+        taken: list[GenerationJob] = []
+        while len(taken) < max_jobs:
+            if self._stash:
+                rq_job, queue = self._stash.pop(0)
+            else:
+                popped = Queue.dequeue_any([self.queue], None, connection=self.redis, serializer=JSONSerializer)
+                if popped is None:
+                    break
+                rq_job, queue = popped
+            job = self._take(rq_job)
+            if job is not None:
+                taken.append(job)
+        return taken
+
+    def wait(self, timeout: float) -> None:
+        """Block on the queue for up to `timeout` s; a job that arrives is kept for the next fetch."""
+        self._maybe_reap()
+        if self._stash:
+            return
+        popped = Queue.dequeue_any([self.queue], max(1, int(timeout)), connection=self.redis,
+                                   serializer=JSONSerializer)
+        if popped is not None:
+            self._stash.append(popped)
+        else:
+            self.worker.heartbeat()
+
+    def give_back(self, jobs: list[GenerationJob]) -> None:
+        """Put unfinished jobs back at the head of the queue (warm shutdown), attempt unchanged."""
+        for job in jobs:
+            running = self.held.pop(job.request_id, None)
+            if running is None:
+                continue
+            with self.redis.pipeline() as pipe:
+                self.worker.cleanup_execution(running.rq_job, pipeline=pipe, execution=running.execution)
+                pipe.execute()
+            self.queue.enqueue_job(running.rq_job, at_front=True)
+        for rq_job, _ in self._stash:
+            self.queue.enqueue_job(rq_job, at_front=True)
+        self._stash.clear()
+
+    def _take(self, rq_job: Job) -> GenerationJob | None:
+        """Mark a dequeued job started and decode its payload; None if it must not run."""
+        if self.redis.exists(protocol.cancel_key(rq_job.id)):
+            # The client left while the job waited: never run it.
+            self.redis.lrem(self.queue.intermediate_queue_key, 1, rq_job.id)
+            rq_job.cancel()
+            return None
+        execution = self.worker.prepare_execution(rq_job)
+        self.worker.prepare_job_execution(rq_job, remove_from_intermediate_queue=True)
+        try:
+            payload = dict(rq_job.args[0])
+            payload["attempt"] = attempt_of(rq_job)
+            job = GenerationJob.from_dict(payload)
+        except (IndexError, KeyError, TypeError, ValueError) as exc:
+            self._fail_rq(rq_job, execution, f"invalid job payload: {exc}")
+            return None
+        self.held[job.request_id] = Running(job, rq_job, execution)
+        return job
+
+    # ---- EventSink -----------------------------------------------------------------------
+    def step_done(self, events: list[Event], running: list[GenerationJob]) -> set[str]:
+        """Publish the step's events, read the rows' cancel flags, renew leases: one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job in running:  # first, so their replies are results[:len(running)]
+            pipe.exists(protocol.cancel_key(job.request_id))
+        for event in events:
+            held = self.held.get(event.request_id)
+            if held is None:
+                continue
+            data = protocol.encode_event(event)
+            pipe.publish(held.job.reply_to, data)
+            if isinstance(event, (FinalEvent, ErrorEvent)):
+                pipe.set(protocol.result_key(event.request_id), data, ex=protocol.RESULT_TTL_S)
+        if time.monotonic() - self._last_renewal >= self._renew_every_s:
+            self._renew_leases(pipe, running)
+        pipe.set(self._batch_key, len(running), ex=self._batch_key_ttl_s)
+        self._add_metrics(pipe)
+        flags = pipe.execute()[:len(running)]
+        self._maybe_reap()
+        return {job.request_id for job, flag in zip(running, flags) if flag}
+
+    def _maybe_reap(self) -> None:
+        """Every few seconds, recover jobs of dead workers (any live worker does it)."""
+        if time.monotonic() - self._last_reap < self._reap_every_s:
+            return
+        self._last_reap = time.monotonic()
+        reap_expired(self.redis, self.queue, self.max_attempts)
+
+    def _add_metrics(self, pipe: redis.client.Pipeline) -> None:
+        if not self.metrics_increments:
+            return
+        key = protocol.batch_metrics_key(self.model_id)
+        for field, amount in self.metrics_increments.items():
+            if isinstance(amount, int) or float(amount).is_integer():
+                pipe.hincrby(key, field, int(amount))
+            else:
+                pipe.hincrbyfloat(key, field, amount)
+        self.metrics_increments = {}
+
+    def _renew_leases(self, pipe: redis.client.Pipeline, running: list[GenerationJob]) -> None:
+        """Extend the started-registry expiry of every held job, and the worker's own heartbeat."""
+        self._last_renewal = time.monotonic()
+        ttl = self.worker.lease_ttl
+        for job in running:
+            held = self.held.get(job.request_id)
+            if held is not None:
+                held.execution.heartbeat(self.started_registry, ttl, pipeline=pipe)
+        self.worker.heartbeat(self.worker.worker_ttl, pipeline=pipe)
+
+    def finished(self, job: GenerationJob, event: FinalEvent | ErrorEvent | None) -> None:
+        held = self.held.pop(job.request_id, None)
+        if held is None:
+            return
+        rq_job, execution = held.rq_job, held.execution
+        try:
+            if isinstance(event, FinalEvent):
+                rq_job.ended_at = now()
+                rq_job._result = {"generated_tokens": event.generated_tokens,
+                                  "finish_reason": event.finish_reason.value}
+                rq_job._status = JobStatus.FINISHED
+                self.worker.handle_job_success(rq_job, self.queue, self.started_registry, execution)
+            elif isinstance(event, ErrorEvent):
+                self._fail_rq(rq_job, execution, f"{event.error_type}: {event.message}")
+            else:
+                self._cancel_rq(rq_job, execution)
+        except redis.RedisError:
+            log.exception("could not record the end of job %s in RQ", job.request_id)
+
+    def _fail_rq(self, rq_job: Job, execution: Execution, reason: str) -> None:
+        rq_job.ended_at = now()
+        rq_job._status = JobStatus.FAILED
+        self.worker.handle_job_failure(rq_job, self.queue, self.started_registry, exc_string=reason,
+                                       execution=execution)
+
+    def _cancel_rq(self, rq_job: Job, execution: Execution) -> None:
+        with self.redis.pipeline() as pipe:
+            self.worker.cleanup_execution(rq_job, pipeline=pipe, execution=execution)
+            rq_job.set_status(JobStatus.CANCELED, pipeline=pipe)
+            CanceledJobRegistry(self.queue.name, self.redis, serializer=JSONSerializer).add(rq_job, pipeline=pipe)
+            pipe.execute()
+
+    def close(self) -> None:
+        self.redis.delete(self._batch_key)
