@@ -7,6 +7,7 @@ needs them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -61,7 +62,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             from .serve import run_serve
 
-            import os
             redis_url = args.redis_url or os.environ.get("TGQ_REDIS_URL") or None
             return run_serve(redis_url, from_cli_args(ModelSettings, args), from_cli_args(LimitSettings, args),
                              from_cli_args(ApiSettings, args), from_cli_args(WorkerSettings, args))

@@ -150,3 +150,11 @@ class WorkerSettings:
             raise SettingsError("`lease_ttl` must be >= 2 and `max_attempts` >= 1")
         if self.waiting_served_ratio < 0:
             raise SettingsError("`waiting_served_ratio` must be >= 0")
+
+
+def to_cli_args(settings: Any) -> list[str]:
+    """The flags that rebuild `settings` in a child process (`tgq serve` starts `tgq api`/`tgq worker`)."""
+    args: list[str] = []
+    for f in dataclasses.fields(settings):
+        args += [f"--{f.name.replace('_', '-')}", str(getattr(settings, f.name))]
+    return args

@@ -1,0 +1,117 @@
+"""`tgq serve`: everything on one machine for a first try.
+
+Starts a private redis-server on a free port (unless a Redis URL is given), one worker and the
+API as child processes, prints the URL, and stops them all (API first, Redis last) on exit.
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .settings import ApiSettings, LimitSettings, ModelSettings, WorkerSettings, to_cli_args
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_private_redis() -> tuple[subprocess.Popen, str, Path]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("tgq serve: redis-server not found; install it (Debian: apt-get install "
+                         "redis-server) or pass --redis-url")
+    port = _free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="tgq-redis-"))
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"redis://127.0.0.1:{port}/0", workdir
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("tgq serve: the private redis-server did not start")
+
+
+def _wait_healthy(url: str, procs: list[subprocess.Popen], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            return False
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=30) as resp:
+                if resp.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def _stop(proc: subprocess.Popen, timeout: float) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_serve(redis_url: str | None, model: ModelSettings, limits: LimitSettings, api: ApiSettings,
+              worker: WorkerSettings) -> int:
+    redis_proc = None
+    redis_dir = None
+    if not redis_url:
+        redis_proc, redis_url, redis_dir = start_private_redis()
+    base = [sys.executable, "-m", "common.cli"]
+    common_args = ["--redis-url", redis_url] + to_cli_args(model) + to_cli_args(limits)
+    worker_proc = subprocess.Popen(base + ["worker"] + common_args + to_cli_args(worker))
+    api_proc = subprocess.Popen(base + ["api"] + common_args + to_cli_args(api))
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    host = "127.0.0.1" if api.host in ("0.0.0.0", "") else api.host
+    url = f"http://{host}:{api.port}"
+    print(f"tgq: starting (redis {redis_url}); first start converts the model, which takes ~30 s",
+          file=sys.stderr, flush=True)
+    code = 0
+    try:
+        if _wait_healthy(url, [worker_proc, api_proc], timeout=600):
+            print(f"tgq: serving {model.model} at {url}  (Ctrl-C to stop)", flush=True)
+        elif not stopping:
+            print("tgq: the server did not become healthy", file=sys.stderr)
+            code = 1
+        while not stopping and code == 0:
+            if worker_proc.poll() is not None or api_proc.poll() is not None:
+                print("tgq: a child process exited", file=sys.stderr)
+                code = 1
+                break
+            time.sleep(0.5)
+    finally:
+        _stop(api_proc, 35)
+        _stop(worker_proc, worker.grace_period + 5)
+        if redis_proc is not None:
+            _stop(redis_proc, 5)
+            shutil.rmtree(redis_dir, ignore_errors=True)
+    return code
