@@ -1,0 +1,64 @@
+"""Real stacks: redis-server + `tgq worker` (tiny random model, fp32) + `tgq api` (gunicorn)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import redis
+
+from tests.support.processes import TgqProcess, start_api, start_worker, wait_http, wait_worker_ready
+
+MODEL_ID = "tiny"
+
+
+@dataclass
+class Stack:
+    redis_url: str
+    model: str
+    url: str
+    api: TgqProcess
+    workers: list[TgqProcess] = field(default_factory=list)
+
+    @property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url)
+
+    def add_worker(self, *extra: str) -> TgqProcess:
+        proc = start_worker(self.redis_url, self.model, "--model-id", MODEL_ID, *extra)
+        self.workers.append(proc)
+        wait_worker_ready(self.redis, self.workers)
+        return proc
+
+    def stop(self) -> None:
+        self.api.stop()
+        for w in self.workers:
+            w.stop(40)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from tests.support.tiny_model import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def make_stack(redis_url: str, model: str, workers: int = 1, api_args: tuple[str, ...] = ()) -> Stack:
+    api, url = start_api(redis_url, model, "--model-id", MODEL_ID, *api_args)
+    stack = Stack(redis_url, model, url, api)
+    try:
+        for _ in range(workers):
+            stack.add_worker()
+        wait_http(url, [api])
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server, tiny_model_dir):
+    """One API + one worker on the session's redis-server, shared by a test module."""
+    redis.Redis.from_url(redis_server.url).flushall()
+    s = make_stack(redis_server.url, tiny_model_dir)
+    yield s
+    s.stop()
