@@ -46,7 +46,7 @@ def test_sigterm_finishes_the_running_batch_and_exits_zero(two_worker_stack):
     body = {"inputs": "drain me", "parameters": {"max_new_tokens": 200}}
     with cf.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(requests.post, stack.url + "/generate", json=body, timeout=120) for _ in range(4)]
-        victim.signal(signal.SIGTERM)
+        victim.send(signal.SIGTERM)
         results = [f.result() for f in futures]
     assert all(r.status_code == 200 for r in results), [r.text for r in results]
     assert victim.proc.wait(60) == 0

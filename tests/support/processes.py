@@ -33,7 +33,7 @@ class TgqProcess:
         self._log_file.flush()
         return self.log.read_text(errors="replace")
 
-    def signal(self, sig: int) -> None:
+    def send(self, sig: int) -> None:
         if self.alive():
             os.kill(self.proc.pid, sig)
 

@@ -1,0 +1,125 @@
+"""The worker's Redis side against a real redis-server: leases, registries, cancel, reaping."""
+from __future__ import annotations
+
+import time
+import uuid
+import zlib
+
+import orjson
+import pytest
+import redis
+from rq import Queue
+from rq.job import Job, JobStatus
+from rq.registry import (CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry,
+                         StartedJobRegistry)
+from rq.serializers import JSONSerializer
+
+from common import protocol
+from common.schemas import (FinalEvent, FinishReason, GenerationJob, SamplingParams,
+                            StoppingParams, Token, TokenEvent)
+from worker.reaper import reap_expired
+from worker.rq_worker import BatchWorker, RedisJobs
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def conn(redis_url):
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+def enqueue(conn, queue, reply_to="tgq:reply:test") -> GenerationJob:
+    job = GenerationJob(request_id=uuid.uuid4().hex, input_ids=(1, 2, 3), sampling=SamplingParams(seed=7),
+                        stopping=StoppingParams(max_new_tokens=2), reply_to=reply_to, enqueued_at=time.time())
+    queue.enqueue_call(func=protocol.JOB_FUNC, args=[job.to_dict()], job_id=job.request_id)
+    return job
+
+
+def make_jobs(conn, name="w1", lease_ttl=15):
+    queue = Queue(protocol.queue_name("m"), connection=conn, serializer=JSONSerializer)
+    worker = BatchWorker([queue], connection=conn, name=name, serializer=JSONSerializer)
+    worker.lease_ttl = lease_ttl
+    worker.register_birth()
+    return queue, worker, RedisJobs(conn, worker, queue, "m", max_attempts=2)
+
+
+def final(job: GenerationJob) -> FinalEvent:
+    return FinalEvent(job.request_id, 0, 1, Token(5, "x", -0.5, False), "yx", FinishReason.LENGTH, 2,
+                      None, time.time(), time.time())
+
+
+def test_payload_is_json_not_pickle(conn):
+    queue, _, _ = make_jobs(conn)
+    job = enqueue(conn, queue)
+    raw = zlib.decompress(conn.hget(f"rq:job:{job.request_id}", "data"))  # RQ compresses the field
+    func, _, args, kwargs = orjson.loads(raw)  # JSON inside, never pickle
+    assert func == protocol.JOB_FUNC and args == [job.to_dict()] and kwargs == {}
+
+
+def test_fetch_publish_finish_moves_the_job_through_rq(conn):
+    queue, worker, jobs = make_jobs(conn)
+    job = enqueue(conn, queue)
+    sub = conn.pubsub()
+    sub.subscribe(job.reply_to)
+    assert sub.get_message(timeout=1)["type"] == "subscribe"
+    [taken] = jobs.fetch(4)
+    assert taken == job
+    assert Job.fetch(job.request_id, connection=conn, serializer=JSONSerializer).get_status() == JobStatus.STARTED
+    assert job.request_id in StartedJobRegistry(queue=queue).get_job_ids()
+    events = [TokenEvent(job.request_id, 0, 0, Token(4, "y", -0.1, False)), final(job)]
+    assert jobs.step_done(events, []) == set()
+    got = [sub.get_message(timeout=1) for _ in range(2)]
+    assert [protocol.decode_event(m["data"]) for m in got] == events
+    assert protocol.decode_event(conn.get(protocol.result_key(job.request_id))) == events[1]
+    jobs.finished(job, events[1])
+    assert job.request_id in FinishedJobRegistry(queue=queue).get_job_ids()
+    assert job.request_id not in StartedJobRegistry(queue=queue).get_job_ids()
+
+
+def test_cancel_flag_is_reported_and_the_job_lands_in_canceled(conn):
+    queue, worker, jobs = make_jobs(conn)
+    a, b = enqueue(conn, queue), enqueue(conn, queue)
+    taken = jobs.fetch(4)
+    conn.set(protocol.cancel_key(b.request_id), 1)
+    assert jobs.step_done([], taken) == {b.request_id}
+    jobs.finished(b, None)
+    assert b.request_id in CanceledJobRegistry(queue=queue).get_job_ids()
+
+
+def test_a_job_cancelled_while_queued_is_never_run(conn):
+    queue, worker, jobs = make_jobs(conn)
+    job = enqueue(conn, queue)
+    conn.set(protocol.cancel_key(job.request_id), 1)
+    assert jobs.fetch(4) == []
+    assert Job.fetch(job.request_id, connection=conn, serializer=JSONSerializer).get_status() == JobStatus.CANCELED
+
+
+def test_give_back_puts_jobs_at_the_head(conn):
+    queue, worker, jobs = make_jobs(conn)
+    first = enqueue(conn, queue)
+    [taken] = jobs.fetch(1)
+    later = enqueue(conn, queue)
+    jobs.give_back([taken])
+    assert queue.get_job_ids() == [first.request_id, later.request_id]
+
+
+def test_expired_lease_is_requeued_then_failed_with_an_error_event(conn):
+    queue, worker, jobs = make_jobs(conn, lease_ttl=2)
+    job = enqueue(conn, queue)
+    jobs.fetch(1)  # this "worker" now dies: no renewals
+    time.sleep(2.2)
+    assert reap_expired(conn, queue, max_attempts=2) == [job.request_id]
+    assert queue.get_job_ids() == [job.request_id]
+    [rerun] = jobs.fetch(1)
+    assert rerun.attempt == 1
+    sub = conn.pubsub()
+    sub.subscribe(job.reply_to)
+    sub.get_message(timeout=1)
+    time.sleep(2.2)
+    assert reap_expired(conn, queue, max_attempts=2) == [job.request_id]
+    event = protocol.decode_event(sub.get_message(timeout=1)["data"])
+    assert event.error_type == "incomplete_generation"
+    assert job.request_id in FailedJobRegistry(queue=queue).get_job_ids()
+    assert reap_expired(conn, queue, max_attempts=2) == []
