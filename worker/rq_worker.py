@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import redis
 from rq import Queue, SimpleWorker
@@ -34,6 +34,7 @@ from common.schemas import ErrorEvent, Event, FinalEvent, GenerationJob
 from .reaper import reap_expired
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def generate(payload: dict[str, Any]) -> None:
@@ -56,6 +57,20 @@ class Running:
     job: GenerationJob
     rq_job: Job
     execution: Execution
+
+
+def retry_redis(fn: Callable[[], T], what: str, stop: Callable[[], bool] = lambda: False) -> T:
+    """Run `fn`, waiting out a Redis outage with capped backoff instead of crashing the worker."""
+    delay = 0.25
+    while True:
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if stop():
+                raise
+            log.warning("redis unreachable during %s (%s); retrying in %.1f s", what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def attempt_of(rq_job: Job) -> int:
@@ -86,6 +101,9 @@ class RedisJobs:
 
     # ---- RequestSource -------------------------------------------------------------------
     def fetch(self, max_jobs: int) -> list[GenerationJob]:
+        return retry_redis(lambda: self._fetch(max_jobs), "fetch")
+
+    def _fetch(self, max_jobs: int) -> list[GenerationJob]:
         taken: list[GenerationJob] = []
         while len(taken) < max_jobs:
             if self._stash:
@@ -102,6 +120,9 @@ class RedisJobs:
 
     def wait(self, timeout: float) -> None:
         """Block on the queue for up to `timeout` s; a job that arrives is kept for the next fetch."""
+        retry_redis(lambda: self._wait(timeout), "wait")
+
+    def _wait(self, timeout: float) -> None:
         self._maybe_reap()
         if self._stash:
             return
@@ -114,6 +135,9 @@ class RedisJobs:
 
     def give_back(self, jobs: list[GenerationJob]) -> None:
         """Put unfinished jobs back at the head of the queue (warm shutdown), attempt unchanged."""
+        retry_redis(lambda: self._give_back(jobs), "give_back")
+
+    def _give_back(self, jobs: list[GenerationJob]) -> None:
         for job in jobs:
             running = self.held.pop(job.request_id, None)
             if running is None:
@@ -147,7 +171,13 @@ class RedisJobs:
 
     # ---- EventSink -----------------------------------------------------------------------
     def step_done(self, events: list[Event], running: list[GenerationJob]) -> set[str]:
-        """Publish the step's events, read the rows' cancel flags, renew leases: one round trip."""
+        """Publish the step's events, read the rows' cancel flags, renew leases: one round trip.
+
+        During a Redis outage the loop waits here (re-sending is harmless: the API drops token
+        indexes it already relayed)."""
+        return retry_redis(lambda: self._step_done(events, running), "step")
+
+    def _step_done(self, events: list[Event], running: list[GenerationJob]) -> set[str]:
         pipe = self.redis.pipeline(transaction=False)
         for job in running:  # first, so their replies are results[:len(running)]
             pipe.exists(protocol.cancel_key(job.request_id))
@@ -197,8 +227,10 @@ class RedisJobs:
 
     def finished(self, job: GenerationJob, event: FinalEvent | ErrorEvent | None) -> None:
         held = self.held.pop(job.request_id, None)
-        if held is None:
-            return
+        if held is not None:
+            retry_redis(lambda: self._finished(held, event), "finish")
+
+    def _finished(self, held: Running, event: FinalEvent | ErrorEvent | None) -> None:
         rq_job, execution = held.rq_job, held.execution
         try:
             if isinstance(event, FinalEvent):
@@ -211,8 +243,8 @@ class RedisJobs:
                 self._fail_rq(rq_job, execution, f"{event.error_type}: {event.message}")
             else:
                 self._cancel_rq(rq_job, execution)
-        except redis.RedisError:
-            log.exception("could not record the end of job %s in RQ", job.request_id)
+        except redis.ResponseError:
+            log.exception("could not record the end of job %s in RQ", rq_job.id)
 
     def _fail_rq(self, rq_job: Job, execution: Execution, reason: str) -> None:
         rq_job.ended_at = now()
