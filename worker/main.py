@@ -49,7 +49,7 @@ def run_worker(redis_settings: RedisSettings, model_settings: ModelSettings, lim
     from .engine import Engine
     from .metrics import EngineMetrics
     from .model import load_model
-    from .rq_worker import BatchWorker, RedisJobs
+    from .rq_worker import BatchWorker, RedisJobs, retry_redis
 
     stop = StopFlag()
     stop.install()
@@ -62,9 +62,11 @@ def run_worker(redis_settings: RedisSettings, model_settings: ModelSettings, lim
     connection = connect(redis_settings)
     queue = Queue(protocol.queue_name(source.model_id), connection=connection, serializer=JSONSerializer)
     name = settings.name or f"{socket.gethostname()}.{os.getpid()}"
-    rq_worker = BatchWorker([queue], connection=connection, name=name, serializer=JSONSerializer)
+    # A short worker TTL so `rq info` forgets a dead worker quickly; it is renewed every second.
+    rq_worker = BatchWorker([queue], connection=connection, name=name, serializer=JSONSerializer,
+                            worker_ttl=max(30, 2 * settings.lease_ttl))
     rq_worker.lease_ttl = settings.lease_ttl
-    rq_worker.register_birth()
+    retry_redis(rq_worker.register_birth, "register")
     jobs = RedisJobs(connection, rq_worker, queue, source.model_id, max_attempts=settings.max_attempts)
     metrics = EngineMetrics(max_batch_size=settings.max_batch_size)
     if settings.metrics_port:
