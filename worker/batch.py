@@ -1,0 +1,209 @@
+"""The running batch: per-row state plus the tensors (KV cache, mask, positions) that shrink and merge between steps."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from common.schemas import (FinalEvent, FinishReason, GenerationJob, PrefillToken, Token,
+                            TokenEvent)
+
+from .detokenize import IncrementalDecoder
+from .kvcache import SlotCache
+from .sampling import SamplingBatch
+from .stopping import StoppingCriteria
+
+
+@dataclass
+class Row:
+    """One sequence's host-side state: ids so far, decoding/stopping state and the tokens it produced."""
+    job: GenerationJob
+    ids: list[int]  # prompt + generated
+    prompt_len: int
+    stopping: StoppingCriteria
+    detok: IncrementalDecoder
+    generator: torch.Generator | None
+    started_at: float
+    tokens: list[Token] = field(default_factory=list)
+    prefill: tuple[PrefillToken, ...] = ()
+    finish: FinishReason | None = None
+    final_event: FinalEvent | None = None
+    cancelled: bool = False
+
+    @property
+    def active(self) -> bool:
+        """Still generating: neither finished nor cancelled."""
+        return self.finish is None and not self.cancelled
+
+    @property
+    def generated(self) -> list[int]:
+        return self.ids[self.prompt_len:]
+
+    def accept(self, token_id: int, logprob: float, special_ids: frozenset[int],
+               decode_final: Callable[[list[int]], str]) -> TokenEvent | FinalEvent:
+        """Record one generated token; returns its event (a FinalEvent when the row is done)."""
+        self.ids.append(token_id)
+        text = self.detok.step(self.ids)
+        token = Token(id=token_id, text=text, logprob=logprob, special=token_id in special_ids)
+        self.tokens.append(token)
+        index = len(self.ids) - self.prompt_len - 1
+        done, reason = self.stopping(token_id, text)
+        job = self.job
+        if not done or reason is None:
+            return TokenEvent(request_id=job.request_id, attempt=job.attempt, index=index, token=token)
+        self.finish = reason
+        self.final_event = FinalEvent(
+            request_id=job.request_id, attempt=job.attempt, index=index, token=token,
+            generated_text=decode_final(self.generated), finish_reason=reason,
+            generated_tokens=index + 1, seed=job.sampling.seed if job.sampling.sampling else None,
+            started_at=self.started_at, finished_at=time.time(),
+            tokens=tuple(self.tokens) if job.want_tokens else (), prefill=self.prefill)
+        return self.final_event
+
+
+@dataclass
+class PrefillInputs:
+    """Left-padded prompts ready for one forward."""
+    input_ids: torch.Tensor  # [n, L]
+    mask: torch.Tensor  # [n, L] bool, False on padding
+    position_ids: torch.Tensor  # [n, L]
+    attention: torch.Tensor  # [n, 1, L, L] bool
+
+
+def prefill_inputs(prompts: Sequence[Sequence[int]], device: torch.device, pad_id: int = 0) -> PrefillInputs:
+    """Left-pad prompts and build positions (cumsum(mask) - 1) and the causal+padding 4D mask."""
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, length - len(p):] = True
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    causal = torch.ones((length, length), dtype=torch.bool, device=device).tril()
+    # Padding queries attend to themselves only, so no attention row is empty (no NaNs anywhere).
+    eye = torch.eye(length, dtype=torch.bool, device=device)
+    attention = (causal[None] & mask[:, None, :]) | eye[None]
+    return PrefillInputs(ids, mask, positions, attention[:, None])
+
+
+def build_seen(rows: Sequence[Row], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[B, V] bool: which ids each row's context holds (the repetition penalty's domain)."""
+    seen = torch.zeros((len(rows), vocab_size), dtype=torch.bool, device=device)
+    for i, row in enumerate(rows):
+        seen[i, torch.tensor(row.ids, dtype=torch.long, device=device)] = True
+    return seen
+
+
+@dataclass
+class Batch:
+    """Rows decoded together. `filter` and `concatenate` mutate it in place and return None."""
+    rows: list[Row]
+    cache: SlotCache
+    mask: torch.Tensor  # [B, T] bool over the cached columns
+    next_pos: torch.Tensor  # [B] position of the token in `last_ids`
+    last_ids: torch.Tensor  # [B] token to feed at the next decode step (not yet in the cache)
+    vocab_size: int
+    device: torch.device
+    sampling: SamplingBatch = field(init=False)
+    seen: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self._refresh()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _refresh(self) -> None:
+        """Rebuild the per-row parameter tensors after the rows changed."""
+        self.sampling = SamplingBatch.build([r.job.sampling for r in self.rows],
+                                            [r.generator for r in self.rows], self.device)
+        if not self.sampling.needs_seen:
+            self.seen = None
+        elif self.seen is None or self.seen.shape[0] != len(self.rows):
+            self.seen = build_seen(self.rows, self.vocab_size, self.device)
+
+    def decode_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Extend the mask by the incoming column; returns input_ids [B,1], 4D mask, position_ids [B,1]."""
+        ones = torch.ones((len(self.rows), 1), dtype=torch.bool, device=self.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        return self.last_ids[:, None], self.mask[:, None, None, :], self.next_pos[:, None]
+
+    def advance(self, next_ids: torch.Tensor) -> None:
+        """The decode step consumed `last_ids`; the freshly chosen ids are fed next."""
+        self.last_ids = next_ids
+        self.next_pos = self.next_pos + 1
+        self.note_seen(next_ids)
+
+    def note_seen(self, ids: torch.Tensor) -> None:
+        if self.seen is not None:
+            self.seen[torch.arange(len(self.rows), device=self.device), ids] = True
+
+    def filter(self, keep: Sequence[int]) -> None:
+        """Keep only rows `keep` (indices, in order) and drop padding columns no remaining row needs."""
+        if list(keep) == list(range(len(self.rows))):
+            return
+        index = torch.tensor(list(keep), dtype=torch.long, device=self.device)
+        mask = self.mask[index]
+        used = mask.any(dim=0)
+        drop = int(used.long().argmax()) if bool(used.any()) else mask.shape[1]
+        self.cache.select(index, drop)
+        self.mask = mask[:, drop:]
+        self.next_pos = self.next_pos[index]
+        self.last_ids = self.last_ids[index]
+        if self.seen is not None:
+            self.seen = self.seen[index]
+        self.rows = [self.rows[i] for i in keep]
+        self._refresh()
+
+    def concatenate(self, other: Batch) -> None:
+        """Append `other`'s rows (e.g. just prefilled), left-padding the shorter side's columns."""
+        la, lb = self.mask.shape[1], other.mask.shape[1]
+        length = max(la, lb)
+        self.cache = self.cache.merged(other.cache)
+        self.mask = torch.cat([_left_pad(self.mask, length), _left_pad(other.mask, length)], dim=0)
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.last_ids = torch.cat([self.last_ids, other.last_ids])
+        if self.seen is not None and other.seen is not None:
+            self.seen = torch.cat([self.seen, other.seen])
+        else:
+            self.seen = None
+        self.rows = self.rows + other.rows
+        self._refresh()
+
+
+def _left_pad(mask: torch.Tensor, length: int) -> torch.Tensor:
+    if mask.shape[1] == length:
+        return mask
+    pad = torch.zeros((mask.shape[0], length - mask.shape[1]), dtype=mask.dtype, device=mask.device)
+    return torch.cat([pad, mask], dim=1)
+
+
+def new_rows(jobs: Sequence[GenerationJob], eos_token_id: int | None, decode: Callable[[Sequence[int]], str],
+             make_generator: Callable[[int], torch.Generator], started_at: float) -> list[Row]:
+    """Fresh host-side state for jobs about to be prefilled."""
+    rows = []
+    for job in jobs:
+        ids = list(job.input_ids)
+        rows.append(Row(job=job, ids=ids, prompt_len=len(ids),
+                        stopping=StoppingCriteria(eos_token_id, job.stopping.max_new_tokens, job.stopping.stop),
+                        detok=IncrementalDecoder(decode, len(ids)),
+                        generator=make_generator(job.sampling.seed) if job.sampling.sampling else None,
+                        started_at=started_at))
+    return rows
+
+
+def prefill_tokens(ids: Sequence[int], logits: torch.Tensor, decode_one: Callable[[int], str],
+                   chunk: int = 256) -> tuple[PrefillToken, ...]:
+    """TGI's prefill details: each prompt id with its raw log-probability given the ids before it."""
+    # logits [len(ids), V]: row j predicts id j+1. Chunked so a long prompt never holds [L, V] in fp32.
+    target = torch.tensor(list(ids[1:]), dtype=torch.long, device=logits.device)
+    values: list[float] = []
+    for start in range(0, len(ids) - 1, chunk):
+        part = logits[start:min(start + chunk, len(ids) - 1)].float()
+        picked = part.gather(1, target[start:start + chunk, None]).squeeze(1)
+        values.extend((picked - torch.logsumexp(part, dim=-1)).tolist())
+    logprobs: list[float | None] = [None, *values]
+    return tuple(PrefillToken(id=i, text=decode_one(i), logprob=lp) for i, lp in zip(ids, logprobs))

@@ -1,0 +1,285 @@
+"""The continuous-batching loop: admit, prefill newcomers, decode the batch, publish, retire rows.
+
+The engine talks to the world only through `RequestSource` and `EventSink` (Redis/RQ lives behind
+them), so it runs the same in tests with in-memory fakes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from common.schemas import ErrorEvent, Event, FinalEvent, GenerationJob
+from common.settings import LimitSettings, WorkerSettings
+
+from .batch import Batch, Row, new_rows, prefill_inputs, prefill_tokens
+from .detokenize import make_decoder
+from .kvcache import SlotCache
+from .metrics import EngineMetrics
+from .model import LoadedModel, forward
+from .sampling import choose, make_generator
+from .scheduler import Budget, Entry, Scheduler
+from .watermark import Watermark
+
+log = logging.getLogger(__name__)
+
+
+class RequestSource(Protocol):
+    def fetch(self, max_jobs: int) -> list[GenerationJob]: ...   # non-blocking; up to max_jobs waiting jobs, already leased/marked started
+    def wait(self, timeout: float) -> None: ...                   # block until work may be waiting, or timeout; used only when the engine is idle
+    def give_back(self, jobs: list[GenerationJob]) -> None: ...   # unfinished jobs on shutdown: re-queue them at the head
+
+
+class EventSink(Protocol):
+    def step_done(self, events: list[Event], running: list[GenerationJob]) -> set[str]: ...
+    # called once per step with ALL of the step's events (token, final, error) and the rows still running;
+    # publishes the events, renews leases, and returns the request_ids (among running) that were cancelled. One round trip.
+    def finished(self, job: GenerationJob, event: FinalEvent | ErrorEvent | None) -> None: ...
+    # a row left the batch: final/error result, or None when it was dropped because it was cancelled
+
+
+Leaving = list[tuple[GenerationJob, "FinalEvent | ErrorEvent | None"]]
+
+
+def server_error(job: GenerationJob, message: str) -> ErrorEvent:
+    """TGI's shard failure shape; the API prefixes 'Request failed during generation: '."""
+    return ErrorEvent(request_id=job.request_id, attempt=job.attempt, message=f"Server error: {message}",
+                      error_type="generation")
+
+
+class Engine:
+    """Owns the running batch and steps it; one engine per model process."""
+
+    def __init__(self, loaded_model: LoadedModel, worker_settings: WorkerSettings, limits: LimitSettings,
+                 source: RequestSource, sink: EventSink, metrics: EngineMetrics | None = None) -> None:
+        self.loaded = loaded_model
+        self.settings = worker_settings
+        self.limits = limits
+        self.source = source
+        self.sink = sink
+        self.metrics = metrics if metrics is not None else EngineMetrics(worker_settings.max_batch_size)
+        self.scheduler: Scheduler[GenerationJob] = Scheduler(Budget.from_settings(worker_settings, limits))
+        self.batch: Batch | None = None
+        self.admitting = True
+        self.watermark = Watermark(loaded_model.vocab_size, loaded_model.device)
+        tokenizer = loaded_model.tokenizer
+        self._decode = make_decoder(tokenizer)
+        self._decode_final: Callable[[list[int]], str] = (
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+        self._num_layers = int(loaded_model.model.config.num_hidden_layers)
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Admit, prefill, decode once, publish the step's events, retire rows. True if any work is held."""
+        events: list[Event] = []
+        leaving: Leaving = []
+        self._fetch(events, leaving)
+        admitted = [e.item for e in self.scheduler.admit()] if self.admitting else []
+        if admitted:
+            self._prefill(admitted, events, leaving)
+        if self.batch is not None:
+            self._decode_step(events, leaving)
+        else:
+            self.metrics.set_current_size(0)
+        held = self.held_jobs()
+        if events or held:
+            cancelled = self.sink.step_done(events, held)
+            self._drop_cancelled(cancelled, leaving)
+        self._retire()
+        for job, event in leaving:
+            self.sink.finished(job, event)
+        return bool(events or self.held_jobs())
+
+    def held_jobs(self) -> list[GenerationJob]:
+        """Jobs this engine holds and has not finished: unfinished batch rows, then the local waiting list."""
+        rows = [r.job for r in self.batch.rows if r.active] if self.batch is not None else []
+        return rows + [e.item for e in self.scheduler.waiting]
+
+    def _fetch(self, events: list[Event], leaving: Leaving) -> None:
+        """Pull jobs only while they could join soon, rejecting those the model cannot run."""
+        if not self.admitting:
+            return
+        room = self.scheduler.room()
+        if room <= 0:
+            return
+        for job in self.source.fetch(room):
+            problem = self._invalid(job)
+            if problem:
+                error = server_error(job, problem)
+                events.append(error)
+                leaving.append((job, error))
+                continue
+            self.scheduler.add(Entry(job.request_id, job, len(job.input_ids), job.stopping.max_new_tokens))
+
+    def _invalid(self, job: GenerationJob) -> str | None:
+        """Why the model cannot run this job (None if it can)."""
+        if not job.input_ids:
+            return "the prompt has no tokens"
+        vocab = self.loaded.vocab_size
+        bad = next((i for i in job.input_ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            return f"input id {bad} is out of range for a vocabulary of {vocab}"
+        if job.stopping.max_new_tokens < 1:
+            return "`max_new_tokens` must be strictly positive"
+        return None
+
+    # ---- prefill and decode ---------------------------------------------------------------------
+
+    def _prefill(self, jobs: list[GenerationJob], events: list[Event], leaving: Leaving) -> None:
+        """Prefill newcomers as their own batch, emit their first tokens, then merge the survivors."""
+        self.metrics.observe_next_size(len(jobs))
+        rows = new_rows(jobs, self.loaded.eos_token_id, self._decode, make_generator, time.time())
+        t0 = time.perf_counter()
+        try:
+            newcomers = self._run_prefill(rows, events)
+        except Exception as exc:  # the error boundary: fail this prefill's rows, keep serving
+            self._fail(rows, exc, "prefill", time.perf_counter() - t0, events, leaving)
+            return
+        self.metrics.observe_inference("prefill", time.perf_counter() - t0, True)
+        self._collect_finished(newcomers, leaving)
+        keep = [i for i, r in enumerate(newcomers.rows) if r.active]
+        if not keep:
+            return
+        newcomers.filter(keep)
+        if self.batch is None:
+            self.batch = newcomers
+        else:
+            self.batch.concatenate(newcomers)
+
+    def _run_prefill(self, rows: list[Row], events: list[Event]) -> Batch:
+        device = self.loaded.device
+        inputs = prefill_inputs([r.ids for r in rows], device)
+        want_prefill = any(r.job.want_prefill for r in rows)
+        cache = SlotCache(self._num_layers)
+        out = forward(self.loaded, inputs.input_ids, inputs.attention, inputs.position_ids, cache,
+                      logits_to_keep=0 if want_prefill else 1)
+        if want_prefill:
+            width = inputs.input_ids.shape[1]
+            for i, row in enumerate(rows):
+                if row.job.want_prefill:
+                    row.prefill = prefill_tokens(row.ids, out.logits[i, width - row.prompt_len:],
+                                                 lambda t: self._decode([t]))
+        batch = Batch(rows=rows, cache=out.cache, mask=inputs.mask, next_pos=inputs.mask.sum(dim=1),
+                      last_ids=torch.zeros(len(rows), dtype=torch.long, device=device),
+                      vocab_size=self.loaded.vocab_size, device=device)
+        scores = out.logits[:, -1, :].float()
+        ids, logprobs = choose(scores, batch.sampling, batch.seen, [r.ids[-1] for r in rows], self.watermark)
+        batch.last_ids = ids
+        batch.note_seen(ids)
+        self._emit(batch, ids, logprobs, events)
+        return batch
+
+    def _decode_step(self, events: list[Event], leaving: Leaving) -> None:
+        """One forward over the running batch and one token per row."""
+        batch = self.batch
+        if batch is None:
+            return
+        self.metrics.set_current_size(len(batch))
+        t0 = time.perf_counter()
+        try:
+            input_ids, mask, positions = batch.decode_inputs()
+            out = forward(self.loaded, input_ids, mask, positions, batch.cache, logits_to_keep=1)
+            scores = out.logits[:, -1, :].float()
+            ids, logprobs = choose(scores, batch.sampling, batch.seen, [r.ids[-1] for r in batch.rows],
+                                   self.watermark)
+            batch.advance(ids)
+            self._emit(batch, ids, logprobs, events)
+        except Exception as exc:  # the error boundary: fail the whole batch, keep serving
+            self.batch = None
+            self._fail(batch.rows, exc, "decode", time.perf_counter() - t0, events, leaving)
+            return
+        self.metrics.observe_inference("decode", time.perf_counter() - t0, True)
+        self.scheduler.on_step()
+        self._collect_finished(batch, leaving)
+
+    def _emit(self, batch: Batch, ids: torch.Tensor, logprobs: torch.Tensor, events: list[Event]) -> None:
+        """Turn the chosen ids into per-row events (one host transfer for the whole batch)."""
+        pairs = torch.stack([ids.double(), logprobs.double()]).tolist()
+        special = self.loaded.special_ids
+        for row, token_id, logprob in zip(batch.rows, pairs[0], pairs[1]):
+            events.append(row.accept(int(token_id), float(logprob), special, self._decode_final))
+
+    def _fail(self, rows: Sequence[Row], exc: Exception, method: str, seconds: float,
+              events: list[Event], leaving: Leaving) -> None:
+        log.exception("%s failed for %d rows", method, len(rows))
+        self.metrics.observe_inference(method, seconds, False)
+        failed = {r.job.request_id for r in rows}
+        # Token events this step already built for these rows are superseded by the error.
+        events[:] = [e for e in events if e.request_id not in failed]
+        for row in rows:
+            error = server_error(row.job, str(exc))
+            events.append(error)
+            leaving.append((row.job, error))
+            self.scheduler.release(row.job.request_id)
+        if self.loaded.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- leaving rows ---------------------------------------------------------------------------
+
+    def _collect_finished(self, batch: Batch, leaving: Leaving) -> None:
+        for row in batch.rows:
+            if row.finish is not None:
+                self.scheduler.release(row.job.request_id)
+                leaving.append((row.job, row.final_event))
+
+    def _drop_cancelled(self, cancelled: set[str], leaving: Leaving) -> None:
+        """Cancelled rows leave now (no final event); cancelled waiting jobs are forgotten."""
+        if not cancelled:
+            return
+        for entry in self.scheduler.remove_waiting(set(cancelled)):
+            leaving.append((entry.item, None))
+        if self.batch is None:
+            return
+        for row in self.batch.rows:
+            if row.job.request_id in cancelled and row.active:
+                row.cancelled = True
+                self.scheduler.release(row.job.request_id)
+                leaving.append((row.job, None))
+
+    def _retire(self) -> None:
+        """Filter finished and cancelled rows out of the batch (compacting its padding)."""
+        if self.batch is None:
+            return
+        keep = [i for i, r in enumerate(self.batch.rows) if r.active]
+        if not keep:
+            self.batch = None
+            self.metrics.set_current_size(0)
+        elif len(keep) < len(self.batch):
+            self.batch.filter(keep)
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def run(self, should_stop: Callable[[], bool], grace_s: float, idle_wait_s: float = 1.0) -> None:
+        """Step until `should_stop()`; then stop admitting, finish rows for up to `grace_s`, give back the rest."""
+        deadline: float | None = None
+        try:
+            while True:
+                if deadline is None and should_stop():
+                    deadline = time.monotonic() + grace_s
+                    self.admitting = False
+                    self._give_back([e.item for e in self.scheduler.take_waiting()])
+                if deadline is not None and (self.batch is None or time.monotonic() >= deadline):
+                    break
+                busy = self.step()
+                if not busy and deadline is None:
+                    self.source.wait(idle_wait_s)
+        finally:
+            self._give_back(self.unfinished_jobs())
+            self.batch = None
+
+    def unfinished_jobs(self) -> list[GenerationJob]:
+        """Everything still held (running rows, then waiting), emptying the waiting list."""
+        rows = [r.job for r in self.batch.rows if r.active] if self.batch is not None else []
+        return rows + [e.item for e in self.scheduler.take_waiting()]
+
+    def _give_back(self, jobs: list[GenerationJob]) -> None:
+        if not jobs:
+            return
+        try:
+            self.source.give_back(jobs)
+        except Exception:  # shutting down: report, never mask the reason we are stopping
+            log.exception("could not give back %d jobs", len(jobs))
+

@@ -1,0 +1,124 @@
+"""Worker-local TGI batch metrics, exported on the worker's port and handed to the sink as Redis increments."""
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from common.metrics_spec import batch_size_buckets, bucket_index, duration_buckets
+
+METHODS = ("prefill", "decode")
+
+
+def _le(bound: float) -> str:
+    """Rust f64 Display, as TGI renders bucket bounds: `10` not `10.0`, shortest round-trip otherwise."""
+    if bound == float("inf"):
+        return "+Inf"
+    return str(int(bound)) if bound.is_integer() else repr(bound)
+
+
+class _Histogram:
+    """Plain per-bucket counts (non-cumulative, +Inf last) with sum and count."""
+
+    def __init__(self, layout: list[float]) -> None:
+        self.layout = layout
+        self.counts = [0] * (len(layout) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> int:
+        i = bucket_index(self.layout, value)
+        self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+        return i
+
+    def samples(self, name: str, labels: dict[str, str]) -> Iterator[tuple[str, dict[str, str], float]]:
+        running = 0
+        for bound, n in zip(self.layout + [float("inf")], self.counts):
+            running += n
+            le = _le(bound)
+            yield f"{name}_bucket", {**labels, "le": le}, float(running)
+        yield f"{name}_sum", labels, self.sum
+        yield f"{name}_count", labels, float(self.count)
+
+
+class EngineMetrics(Collector):
+    """Records batch figures once; exposes them as TGI-named families and as pending Redis hash increments."""
+
+    def __init__(self, max_batch_size: int, registry: CollectorRegistry | None = None) -> None:
+        self._lock = threading.Lock()
+        self.current_size = 0
+        self._next_size = _Histogram(batch_size_buckets(max_batch_size))
+        self._counts = {(kind, m): 0 for kind in ("count", "success", "failure") for m in METHODS}
+        self._durations = {m: _Histogram(duration_buckets()) for m in METHODS}
+        self._pending: dict[str, float] = {}
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def _add(self, field: str, value: float) -> None:
+        self._pending[field] = self._pending.get(field, 0.0) + value
+
+    def set_current_size(self, size: int) -> None:
+        """tgi_batch_current_size: set before each decode step, 0 when the batch drains."""
+        with self._lock:
+            self.current_size = size
+
+    def observe_next_size(self, size: int) -> None:
+        """tgi_batch_next_size: the number of requests that form (or join) a batch."""
+        with self._lock:
+            i = self._next_size.observe(float(size))
+            self._add("next_size_sum", float(size))
+            self._add("next_size_count", 1.0)
+            self._add(f"next_size_bucket:{i}", 1.0)
+
+    def observe_inference(self, method: str, seconds: float, ok: bool) -> None:
+        """One prefill or decode forward: count, success/failure and (successful) duration."""
+        with self._lock:
+            self._counts[("count", method)] += 1
+            self._add(f"inference_count:{method}", 1.0)
+            outcome = "success" if ok else "failure"
+            self._counts[(outcome, method)] += 1
+            self._add(f"inference_{outcome}:{method}", 1.0)
+            if ok:
+                i = self._durations[method].observe(seconds)
+                self._add(f"inference_duration_sum:{method}", seconds)
+                self._add(f"inference_duration_bucket:{method}:{i}", 1.0)
+
+    def take_increments(self) -> dict[str, float]:
+        """Hash-field increments since the last call (see common.metrics_spec); the sink HINCRBYFLOATs them
+        in the same pipeline as the step's events, so reporting costs no extra round trip."""
+        with self._lock:
+            out, self._pending = self._pending, {}
+        return out
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            gauge = Metric("tgi_batch_current_size", "Current batch size", "gauge")
+            gauge.add_sample("tgi_batch_current_size", {}, float(self.current_size))
+            yield gauge
+            if self._next_size.count:
+                hist = Metric("tgi_batch_next_size", "Batch size of newly formed batches", "histogram")
+                for name, labels, value in self._next_size.samples("tgi_batch_next_size", {}):
+                    hist.add_sample(name, labels, value)
+                yield hist
+            for kind in ("count", "success", "failure"):
+                name = f"tgi_batch_inference_{kind}"
+                # "unknown", not "counter": prometheus_client would rename a counter family to *_total,
+                # and TGI's names have no suffix.
+                family = Metric(name, f"Batch inference {kind} (a counter)", "unknown")
+                for m in METHODS:
+                    if self._counts[("count", m)]:
+                        family.add_sample(name, {"method": m}, float(self._counts[(kind, m)]))
+                if family.samples:
+                    yield family
+            dur = Metric("tgi_batch_inference_duration", "Batch inference duration", "histogram")
+            for m in METHODS:
+                if self._durations[m].count:
+                    for name, labels, value in self._durations[m].samples("tgi_batch_inference_duration",
+                                                                          {"method": m}):
+                        dur.add_sample(name, labels, value)
+            if dur.samples:
+                yield dur

@@ -1,0 +1,122 @@
+"""Loads the tokenizer and causal LM and runs its forward passes (the only module touching transformers' model classes)."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.model_files import ModelSource, build_once, ensure_tokenizer, model_dir
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    """Everything the engine needs to know about the resident model."""
+    model: Any  # a transformers PreTrainedModel (causal LM), in eval mode on `device`
+    tokenizer: Any  # a transformers PreTrainedTokenizerFast
+    eos_token_id: int | None
+    special_ids: frozenset[int]
+    vocab_size: int  # logit width (may exceed the tokenizer's vocabulary)
+    device: torch.device
+    dtype: torch.dtype
+    model_id: str = ""
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """Map the settings' dtype names to torch dtypes."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
+
+
+def configure_threads(threads: int) -> None:
+    """Pin torch's intra-op threads (others may share the cores) and keep inter-op at one."""
+    if threads <= 0:
+        return
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable once per process, before any inter-op work
+        log.debug("inter-op threads already fixed; left as they are")
+
+
+def _convert_gguf(source: ModelSource, out: Path) -> None:
+    """Dequantize a GGUF to an fp32 HF directory once (reading GGUF takes ~20 s; the copy loads in ~1 s)."""
+    # Built by hand rather than from_pretrained(gguf_file=...), which insists on `accelerate`.
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    t0 = time.monotonic()
+    print(f"tgq: converting {source.path.name} to a Hugging Face model (once, ~20 s)...",
+          file=sys.stderr, flush=True)
+    config = AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights below are plain dequantized fp32 tensors
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(source.path), return_tensors=True, model_to_load=model)["tensors"]
+    result = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {result.unexpected_keys}")
+    model.tie_weights()
+    print("tgq: writing the converted weights...", file=sys.stderr, flush=True)
+    model.save_pretrained(str(out))
+    print(f"tgq: model converted in {time.monotonic() - t0:.1f} s -> {out}", file=sys.stderr, flush=True)
+
+
+def special_token_ids(tokenizer: Any) -> frozenset[int]:
+    """All ids the tokenizer marks special (named specials and added tokens flagged special)."""
+    ids = set(int(i) for i in tokenizer.all_special_ids)
+    for idx, added in tokenizer.added_tokens_decoder.items():
+        if getattr(added, "special", False):
+            ids.add(int(idx))
+    return frozenset(ids)
+
+
+def load_model(source: ModelSource, cache_dir: str, device: str, dtype: str, threads: int) -> LoadedModel:
+    """Load tokenizer and model (converting a GGUF once into the cache) onto `device` in `dtype`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    configure_threads(threads)
+    torch_dtype = parse_dtype(dtype)
+    tok_dir = ensure_tokenizer(source, cache_dir)
+    if source.is_gguf:
+        weights_dir = build_once(model_dir(source, cache_dir), lambda tmp: _convert_gguf(source, tmp))
+    else:
+        weights_dir = source.path
+    t0 = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(weights_dir), dtype=torch_dtype)
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    model.requires_grad_(False)
+    log.info("loaded %s (%s, %s) in %.1f s", weights_dir, dtype, dev, time.monotonic() - t0)
+    width = int(model.get_output_embeddings().weight.shape[0])
+    return LoadedModel(model=model, tokenizer=tokenizer, eos_token_id=tokenizer.eos_token_id,
+                       special_ids=special_token_ids(tokenizer), vocab_size=width, device=dev,
+                       dtype=torch_dtype, model_id=source.model_id)
+
+
+@dataclass
+class ForwardOut:
+    """Logits of the kept positions ([B, kept, V], model dtype) and the updated cache."""
+    logits: torch.Tensor
+    cache: Any
+
+
+@torch.inference_mode()
+def forward(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            position_ids: torch.Tensor, cache: Any, logits_to_keep: int = 1) -> ForwardOut:
+    """One model call; `attention_mask` is a prepared 4D bool mask [B, 1, q, kv] (True = attend)."""
+    out = loaded.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       cache=cache, use_cache=True, logits_to_keep=logits_to_keep)
+    return ForwardOut(logits=out.logits, cache=out.cache)
