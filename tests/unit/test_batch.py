@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.schemas import GenerationJob, SamplingParams, StoppingParams
+from worker.batch import Batch, new_rows, prefill_inputs
+from worker.detokenize import make_decoder
+from worker.kvcache import SlotCache
+from worker.model import forward
+from worker.sampling import make_generator
+
+PROMPTS = {"a": [5, 900, 33], "b": [17, 2000, 3000, 44, 45, 46, 47, 48, 49],
+           "c": [100, 200, 300, 400, 500], "d": list(range(1000, 1012))}
+
+
+def reference_greedy(loaded, prompt, n):
+    """Independent reference: transformers' own generate, one prompt alone, no padding."""
+    out = loaded.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def prefill(loaded, keys):
+    jobs = [GenerationJob(k, tuple(PROMPTS[k]), SamplingParams(), StoppingParams(50), "") for k in keys]
+    rows = new_rows(jobs, None, make_decoder(loaded.tokenizer), make_generator, 0.0)
+    inputs = prefill_inputs([PROMPTS[k] for k in keys], loaded.device)
+    out = forward(loaded, inputs.input_ids, inputs.attention, inputs.position_ids,
+                  SlotCache(loaded.model.config.num_hidden_layers), logits_to_keep=1)
+    first = out.logits[:, -1].argmax(-1)
+    batch = Batch(rows=rows, cache=out.cache, mask=inputs.mask, next_pos=inputs.mask.sum(1), last_ids=first,
+                  vocab_size=loaded.vocab_size, device=loaded.device)
+    return batch, {k: [int(t)] for k, t in zip(keys, first)}
+
+
+def decode(loaded, batch, produced, steps):
+    for _ in range(steps):
+        ids, mask, pos = batch.decode_inputs()
+        out = forward(loaded, ids, mask, pos, batch.cache)
+        nxt = out.logits[:, -1].argmax(-1)
+        batch.advance(nxt)
+        for row, t in zip(batch.rows, nxt.tolist()):
+            produced[row.job.request_id].append(t)
+
+
+def test_prefill_inputs_left_pad_and_positions():
+    inp = prefill_inputs([[1, 2, 3], [4]], torch.device("cpu"))
+    assert inp.input_ids.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert inp.mask.tolist() == [[True, True, True], [False, False, True]]
+    assert inp.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert inp.attention.shape == (2, 1, 3, 3)
+    assert inp.attention[1, 0].tolist() == [[True, False, False], [False, True, False], [False, False, True]]
+
+
+def test_filter_and_merge_match_independent_greedy(tiny_loaded):
+    loaded = tiny_loaded
+    batch, produced = prefill(loaded, ["a", "b"])
+    decode(loaded, batch, produced, 3)
+    newcomers, more = prefill(loaded, ["c"])
+    produced.update(more)
+    batch.concatenate(newcomers)
+    decode(loaded, batch, produced, 2)
+    batch.filter([0, 2])  # b leaves; its long prompt's padding columns are compacted away
+    assert batch.mask.shape[1] == batch.cache.length()
+    assert bool(batch.mask.any(dim=0)[0])
+    decode(loaded, batch, produced, 3)
+    late, more = prefill(loaded, ["d"])
+    produced.update(more)
+    batch.concatenate(late)
+    decode(loaded, batch, produced, 4)
+    for key, tokens in produced.items():
+        assert tokens == reference_greedy(loaded, PROMPTS[key], len(tokens)), key
+
+
+def test_cache_grows_past_its_reserve(tiny_loaded):
+    batch, produced = prefill(tiny_loaded, ["a"])
+    decode(tiny_loaded, batch, produced, 40)  # more than the 32 spare columns
+    assert produced["a"] == reference_greedy(tiny_loaded, PROMPTS["a"], 41)
+
+
+def test_seen_mask_tracks_context_for_repetition_penalty(tiny_loaded):
+    job = GenerationJob("p", (1, 2, 3), SamplingParams(repetition_penalty=1.5), StoppingParams(5), "")
+    rows = new_rows([job], None, make_decoder(tiny_loaded.tokenizer), make_generator, 0.0)
+    batch = Batch(rows=rows, cache=SlotCache(2), mask=torch.ones(1, 3, dtype=torch.bool),
+                  next_pos=torch.tensor([3]), last_ids=torch.tensor([9]), vocab_size=tiny_loaded.vocab_size,
+                  device=torch.device("cpu"))
+    assert batch.seen is not None
+    assert batch.seen[0].nonzero().squeeze(1).tolist() == [1, 2, 3]
+    batch.note_seen(torch.tensor([7]))
+    assert batch.seen[0, 7]
+
+
+@pytest.mark.parametrize("reserve", [0, 4])
+def test_slot_cache_select_and_merge_shapes(reserve):
+    from worker.kvcache import SlotLayer
+
+    layer = SlotLayer(reserve)
+    k = torch.arange(2 * 1 * 3 * 2, dtype=torch.float32).view(2, 1, 3, 2)
+    keys, _ = layer.update(k, k)
+    assert torch.equal(keys, k)
+    layer.select(torch.tensor([1]), drop_front=1)
+    assert torch.equal(layer.keys, k[1:, :, 1:])
+    other = SlotLayer(reserve)
+    other.update(k[:1, :, :1], k[:1, :, :1])
+    merged = layer.merged(other)
+    assert merged.keys.shape == (2, 1, 2, 2)
+    assert torch.equal(merged.keys[1, :, 1], k[0, :, 0])
+    assert torch.equal(merged.keys[1, :, 0], torch.zeros(1, 2))

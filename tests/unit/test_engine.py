@@ -1,0 +1,265 @@
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import pytest
+import torch
+
+from common.schemas import (ErrorEvent, FinalEvent, FinishReason, GenerationJob, SamplingParams,
+                            StoppingParams, TokenEvent)
+from common.settings import LimitSettings, WorkerSettings
+from worker import engine as engine_module
+from worker.engine import Engine
+from worker.metrics import EngineMetrics
+
+
+class ScriptedSource:
+    """Releases each job at a given step number (the engine's step counter is our clock)."""
+
+    def __init__(self, arrivals: dict[int, list[GenerationJob]]) -> None:
+        self.arrivals = arrivals
+        self.step = 0
+        self.ready: list[GenerationJob] = []
+        self.given_back: list[GenerationJob] = []
+        self.fetched: list[tuple[int, int]] = []
+
+    def tick(self) -> None:
+        self.ready.extend(self.arrivals.pop(self.step, []))
+        self.step += 1
+
+    def fetch(self, max_jobs: int) -> list[GenerationJob]:
+        out, self.ready = self.ready[:max_jobs], self.ready[max_jobs:]
+        self.fetched.append((max_jobs, len(out)))
+        return out
+
+    def wait(self, timeout: float) -> None:
+        self.tick()
+
+    def give_back(self, jobs: list[GenerationJob]) -> None:
+        self.given_back.extend(jobs)
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.steps: list[tuple[list, list[str]]] = []
+        self.finished_calls: list[tuple[int, str, object]] = []
+        self.cancel_at: dict[int, set[str]] = {}
+
+    def step_done(self, events, running):
+        self.steps.append((list(events), [j.request_id for j in running]))
+        return self.cancel_at.get(len(self.steps) - 1, set())
+
+    def finished(self, job, event):
+        self.finished_calls.append((len(self.steps) - 1, job.request_id, event))
+
+    def events_for(self, rid):
+        return [e for evs, _ in self.steps for e in evs if e.request_id == rid]
+
+    def result(self, rid):
+        return next(ev for _, r, ev in self.finished_calls if r == rid)
+
+
+def job(rid, prompt, n=8, want_tokens=True, **sampling) -> GenerationJob:
+    return GenerationJob(rid, tuple(prompt), SamplingParams(**sampling), StoppingParams(max_new_tokens=n), "chan",
+                         want_tokens=want_tokens, attempt=1)
+
+
+def run_engine(loaded, arrivals, settings=None, sink=None, max_steps=200):
+    source = ScriptedSource(arrivals)
+    sink = sink or RecordingSink()
+    eng = Engine(loaded, settings or WorkerSettings(max_batch_size=8, waiting_served_ratio=0.0),
+                 LimitSettings(), source, sink, EngineMetrics(8))
+    for _ in range(max_steps):
+        source.tick()
+        eng.step()
+        if not source.arrivals and not source.ready and eng.batch is None and not eng.scheduler.waiting:
+            break
+    return eng, source, sink
+
+
+def generated_ids(sink, rid):
+    return [e.token.id for e in sink.events_for(rid) if not isinstance(e, ErrorEvent)]
+
+
+PROMPTS = [[5, 900, 33], [17, 2000, 3000, 44, 45, 46, 47, 48, 49], [100, 200, 300, 400, 500], list(range(1000, 1012))]
+
+
+def test_greedy_tokens_do_not_depend_on_batch_composition(tiny_loaded):
+    alone = {}
+    for i, p in enumerate(PROMPTS):
+        _, _, sink = run_engine(tiny_loaded, {0: [job(f"r{i}", p, n=6 + 2 * i)]})
+        alone[f"r{i}"] = generated_ids(sink, f"r{i}")
+    arrivals = {0: [job("r0", PROMPTS[0], n=6), job("r1", PROMPTS[1], n=8)],
+                2: [job("r2", PROMPTS[2], n=10)], 5: [job("r3", PROMPTS[3], n=12)]}
+    _, _, sink = run_engine(tiny_loaded, arrivals)
+    for rid, tokens in alone.items():
+        assert len(tokens) == 6 + 2 * int(rid[1:])
+        assert generated_ids(sink, rid) == tokens, rid
+
+
+def test_events_indices_and_final_event(tiny_loaded):
+    tok = tiny_loaded.tokenizer
+    prompt = tok("Hello there, my friend")["input_ids"]
+    j = GenerationJob("x", tuple(prompt), SamplingParams(), StoppingParams(max_new_tokens=5), "chan",
+                      want_tokens=True, want_prefill=True, attempt=3)
+    _, _, sink = run_engine(tiny_loaded, {0: [j]})
+    events = sink.events_for("x")
+    assert [e.index for e in events] == [0, 1, 2, 3, 4]
+    assert all(isinstance(e, TokenEvent) for e in events[:-1]) and isinstance(events[-1], FinalEvent)
+    assert all(e.attempt == 3 for e in events)
+    final = events[-1]
+    ids = [e.token.id for e in events]
+    assert final.generated_text == tok.decode(ids, skip_special_tokens=True)
+    assert final.finish_reason is FinishReason.LENGTH and final.generated_tokens == 5
+    assert final.seed is None
+    assert [t.id for t in final.tokens] == ids
+    assert "".join(t.text for t in final.tokens) == tok.decode(ids, skip_special_tokens=False)
+    assert [p.id for p in final.prefill] == prompt
+    assert final.prefill[0].logprob is None
+    assert [p.text for p in final.prefill] == [tok.decode([i], skip_special_tokens=False) for i in prompt]
+    # Prefill logprobs are the raw model log-softmax of each prompt id given the ones before it.
+    with torch.no_grad():
+        logits = tiny_loaded.model(torch.tensor([prompt])).logits[0].float()
+    expected = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1)
+    assert torch.allclose(torch.tensor([p.logprob for p in final.prefill[1:]]), expected, atol=1e-4)
+    assert final.started_at <= final.finished_at
+    assert sink.result("x") is final
+
+
+def test_tokens_and_prefill_only_when_asked(tiny_loaded):
+    _, _, sink = run_engine(tiny_loaded, {0: [job("y", PROMPTS[0], n=3, want_tokens=False)]})
+    final = sink.result("y")
+    assert final.tokens == () and final.prefill == ()
+
+
+def test_rows_leave_on_the_step_they_finish_and_newcomers_join(tiny_loaded):
+    arrivals = {0: [job("short", PROMPTS[0], n=2), job("long", PROMPTS[1], n=9)], 3: [job("late", PROMPTS[2], n=4)]}
+    _, _, sink = run_engine(tiny_loaded, arrivals)
+    final_step = {r: s for s, r, _ in sink.finished_calls}
+    for rid in ("short", "long", "late"):
+        step = final_step[rid]
+        events, running = sink.steps[step]
+        assert any(isinstance(e, FinalEvent) and e.request_id == rid for e in events)
+        assert rid not in running
+        assert all(rid not in r for _, r in sink.steps[step + 1:])
+    # "long" kept streaming without a gap while "late" joined (no restart of the batch).
+    long_steps = [s for s, (evs, _) in enumerate(sink.steps) if any(e.request_id == "long" for e in evs)]
+    assert long_steps == list(range(long_steps[0], long_steps[-1] + 1))
+    late_steps = [s for s, (evs, _) in enumerate(sink.steps) if any(e.request_id == "late" for e in evs)]
+    assert late_steps[0] > long_steps[0] and late_steps[0] < long_steps[-1]
+
+
+def test_cancellation_drops_a_row_within_one_step(tiny_loaded):
+    sink = RecordingSink()
+    sink.cancel_at = {2: {"victim"}}
+    arrivals = {0: [job("victim", PROMPTS[0], n=20), job("other", PROMPTS[2], n=8)]}
+    _, _, sink = run_engine(tiny_loaded, arrivals, sink=sink)
+    assert (2, "victim", None) in sink.finished_calls
+    assert all("victim" not in running for _, running in sink.steps[3:])
+    assert not any(e.request_id == "victim" for evs, _ in sink.steps[3:] for e in evs)
+    assert len(generated_ids(sink, "other")) == 8
+
+
+def test_same_seed_same_tokens_in_any_batch(tiny_loaded):
+    params = dict(do_sample=True, temperature=0.9, top_p=0.95, seed=2**63 + 12345)
+    _, _, alone = run_engine(tiny_loaded, {0: [job("s", PROMPTS[0], n=10, **params)]})
+    arrivals = {0: [job("g", PROMPTS[1], n=12)], 1: [job("s", PROMPTS[0], n=10, **params),
+                                                   job("t", PROMPTS[0], n=10, **{**params, "seed": 1})]}
+    _, _, mixed = run_engine(tiny_loaded, arrivals)
+    assert generated_ids(alone, "s") == generated_ids(mixed, "s")
+    assert generated_ids(mixed, "s") != generated_ids(mixed, "t")
+    assert alone.result("s").seed == 2**63 + 12345
+
+
+def test_mean_logprob_for_best_of_is_available(tiny_loaded):
+    arrivals = {0: [job(f"b{i}", PROMPTS[2], n=6, do_sample=True, seed=i) for i in range(2)]}
+    _, _, sink = run_engine(tiny_loaded, arrivals)
+    means = []
+    for i in range(2):
+        final = sink.result(f"b{i}")
+        assert len(final.tokens) == final.generated_tokens == 6
+        lps = [t.logprob for t in final.tokens]
+        assert all(math.isfinite(lp) and lp <= 0 for lp in lps)
+        means.append(sum(lps) / len(lps))
+    assert len(set(means)) == 2
+
+
+def test_invalid_input_gets_an_error_event_not_a_crash(tiny_loaded):
+    arrivals = {0: [job("bad", [1, 10**6], n=3), job("good", PROMPTS[0], n=3), job("empty", [], n=3)]}
+    _, _, sink = run_engine(tiny_loaded, arrivals)
+    for rid in ("bad", "empty"):
+        err = sink.result(rid)
+        assert isinstance(err, ErrorEvent) and err.error_type == "generation"
+        assert err.message.startswith("Server error: ")
+    assert len(generated_ids(sink, "good")) == 3
+
+
+def test_forward_failure_fails_the_batch_and_the_loop_goes_on(tiny_loaded, monkeypatch):
+    real = engine_module.forward
+    calls = {"n": 0}
+
+    def flaky(loaded, input_ids, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return real(loaded, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "forward", flaky)
+    arrivals = {0: [job("a", PROMPTS[0], n=10), job("b", PROMPTS[1], n=10)], 6: [job("c", PROMPTS[2], n=3)]}
+    eng, _, sink = run_engine(tiny_loaded, arrivals)
+    for rid in ("a", "b"):
+        err = sink.result(rid)
+        assert isinstance(err, ErrorEvent) and err.message == "Server error: boom"
+    assert isinstance(sink.result("c"), FinalEvent)
+    inc = eng.metrics.take_increments()
+    assert inc["inference_failure:decode"] == 1.0
+    assert inc["inference_count:prefill"] == 2.0
+
+
+def test_run_stops_admitting_and_gives_back_unfinished(tiny_loaded):
+    source = ScriptedSource({0: [job("r", PROMPTS[0], n=50)], 1: [job("w", PROMPTS[1], n=5)]})
+    sink = RecordingSink()
+    # "w" is fetched but does not fit the token budget beside "r", so it waits locally.
+    eng = Engine(tiny_loaded, WorkerSettings(max_batch_size=2, max_batch_total_tokens=60), LimitSettings(),
+                 source, sink)
+    steps = {"n": 0}
+
+    def should_stop():
+        source.tick()
+        steps["n"] += 1
+        return steps["n"] > 4
+
+    eng.run(should_stop, grace_s=0.0)
+    # The waiting job goes back as soon as stopping starts; the running row when the grace ends.
+    assert [j.request_id for j in source.given_back] == ["w", "r"]
+    assert eng.batch is None
+
+
+def test_run_finishes_rows_within_grace(tiny_loaded):
+    source = ScriptedSource({0: [job("r", PROMPTS[0], n=5)]})
+    sink = RecordingSink()
+    eng = Engine(tiny_loaded, WorkerSettings(), LimitSettings(), source, sink)
+    source.tick()
+    eng.step()
+    eng.run(lambda: True, grace_s=30.0)
+    assert isinstance(sink.result("r"), FinalEvent)
+    assert source.given_back == []
+
+
+def test_step_done_gets_waiting_jobs_too_for_leases(tiny_loaded):
+    settings = WorkerSettings(max_batch_size=4, waiting_served_ratio=10.0, max_waiting_tokens=3)
+    arrivals = {0: [job("a", PROMPTS[0], n=8)], 2: [job("w", PROMPTS[1], n=2)]}
+    _, _, sink = run_engine(tiny_loaded, arrivals, settings=settings)
+    waiting_steps = [s for s, (evs, running) in enumerate(sink.steps)
+                     if "w" in running and not any(e.request_id == "w" for e in evs)]
+    assert waiting_steps  # held locally (ratio not met) and reported for lease renewal
+
+
+def test_metrics_increments_are_recorded(tiny_loaded):
+    eng, _, _ = run_engine(tiny_loaded, {0: [job("m", PROMPTS[0], n=4)]})
+    inc = eng.metrics.take_increments()
+    assert inc["inference_count:prefill"] == 1.0 and inc["inference_success:decode"] == 3.0
+    assert inc["next_size_count"] == 1.0 and inc["next_size_bucket:0"] == 1.0
+    assert eng.metrics.take_increments() == {}
+    assert eng.metrics.current_size == 0
