@@ -1,0 +1,121 @@
+"""`create_app(config)`: the Flask application factory. Wires objects together; defines no routes.
+
+Settings come in through `AppConfig` (built by `api.server.run_api` or by tests); nothing here
+reads the environment. Redis is not contacted until the first request needs it.
+"""
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+from flask import Flask, Response, request
+from tokenizers import Tokenizer
+
+from common import model_files
+from common.errors import Unauthorized
+from common.redis_client import connect
+from common.settings import ApiSettings, LimitSettings, ModelSettings, RedisSettings
+
+from . import docs, routes
+from .errors import register_error_handlers
+from .metrics import Metrics
+from .queue import JobQueue
+from .replies import ReplyHub
+from .service import GenerationService
+from .state import TgqState
+from .validation import Validator
+
+CORS_METHODS = "GET,POST"
+CORS_VARY = "origin, access-control-request-method, access-control-request-headers"
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    redis: RedisSettings
+    model: ModelSettings
+    limits: LimitSettings
+    api: ApiSettings
+    metrics_dir: str | None = None  # PROMETHEUS_MULTIPROC_DIR under gunicorn; None: in-process metrics
+    tokenizer_file: str | None = None  # tokenizer.json; None: found through common.model_files
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    tok = Tokenizer.from_file(str(path))
+    tok.no_truncation()  # lengths are checked against the limits, never cut silently
+    tok.no_padding()
+    return tok
+
+
+def tokenizer_file(model: ModelSettings) -> Path:
+    source = model_files.resolve(model.model, model.model_id)
+    return model_files.ensure_tokenizer(source, model.cache_dir) / "tokenizer.json"
+
+
+def create_app(config: AppConfig, *, redis_client: redis.Redis | None = None) -> Flask:
+    app = Flask("api")
+    api = config.api
+    app.config["MAX_CONTENT_LENGTH"] = api.max_body_bytes
+    model_id = model_files.resolve(config.model.model, config.model.model_id).model_id
+    client = redis_client or connect(config.redis)
+    tok_path = config.tokenizer_file or tokenizer_file(config.model)
+    queue = JobQueue(client, model_id, job_timeout_s=api.request_timeout)
+    hub = ReplyHub(client)
+    state = TgqState(
+        model_id=model_id, limits=config.limits, api=api, redis=client, hub=hub,
+        validator=Validator(config.limits, load_tokenizer(tok_path)),
+        service=GenerationService(queue, hub, config.limits, api.request_timeout),
+        metrics=Metrics(config.limits, config.metrics_dir))
+    app.extensions["tgq"] = state
+
+    app.register_blueprint(routes.bp)
+    app.register_blueprint(docs.bp)
+    register_error_handlers(app, api.max_body_bytes)
+    _install_cors(app, api)
+    _install_api_key(app, api)
+    return app
+
+
+def _install_api_key(app: Flask, api: ApiSettings) -> None:
+    if not api.api_key:
+        return
+    expected = f"Bearer {api.api_key}".encode()
+
+    @app.before_request
+    def _check_key() -> None:
+        if request.method == "OPTIONS" or request.endpoint not in routes.GENERATION_ENDPOINTS:
+            return
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            raise Unauthorized()
+
+
+def _install_cors(app: Flask, api: ApiSettings) -> None:
+    """tower-http's CorsLayer as TGI configures it: GET and POST, header content-type, origin `*`
+    unless `--cors-allow-origin` lists origins. Every OPTIONS request is answered as a preflight."""
+    allowed = frozenset(o.strip() for o in api.cors_allow_origin.split(",") if o.strip())
+    allow_headers = "content-type,authorization" if api.api_key else "content-type"
+
+    def allow_origin() -> str | None:
+        if not allowed:
+            return "*"
+        origin = request.headers.get("Origin")
+        return origin if origin in allowed else None
+
+    @app.before_request
+    def _preflight() -> Response | None:
+        if request.method != "OPTIONS":
+            return None
+        resp = Response(b"", status=200)
+        resp.headers["Access-Control-Allow-Methods"] = CORS_METHODS
+        resp.headers["Access-Control-Allow-Headers"] = allow_headers
+        return resp
+
+    @app.after_request
+    def _headers(resp: Response) -> Response:
+        origin = allow_origin()
+        if origin is not None:
+            resp.headers["Access-Control-Allow-Origin"] = origin
+        resp.headers["Vary"] = CORS_VARY
+        return resp

@@ -1,0 +1,207 @@
+"""Worker -> API replies: one pub/sub subscription per API process, events handed out by request id.
+
+Every job names this process's channel in `reply_to`. One reader thread (a greenlet under
+gunicorn's gevent worker, which patches `threading` and `queue`) reads that channel and puts each
+decoded event on the queue of the request it belongs to. A request registers before its job is
+enqueued, and `register` returns only once the subscription is live, so no event can be missed
+by a healthy connection. If the connection drops, messages are lost: readers then poll the final
+event the worker stores at `protocol.result_key` whenever they hear nothing for a while.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import redis
+
+from common import protocol
+from common.errors import Unavailable
+from common.schemas import ErrorEvent, Event, FinalEvent, TokenEvent
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBE_WAIT_S = 5.0  # how long a request waits for the subscription before answering 503
+RESULT_POLL_S = 2.0  # silence after which a reader looks for a stored result
+RECONNECT_DELAY_S = 0.5
+
+
+def new_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class ReplyHub:
+    """The process's single subscription and the per-request queues it feeds."""
+
+    def __init__(self, client: redis.Redis, instance_id: str | None = None) -> None:
+        self.redis = client
+        self.instance_id = instance_id or new_instance_id()
+        self.channel = protocol.reply_channel(self.instance_id)
+        self._queues: dict[str, queue.Queue[Event]] = {}
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    # lifecycle ---------------------------------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self._ready.clear()
+            self._thread = threading.Thread(target=self._run, name="tgq-replies", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread.is_alive():
+            try:
+                self.redis.publish(self.channel, b"")  # wake the reader now rather than at its next poll
+            except (redis.exceptions.RedisError, OSError):
+                pass
+            self._thread.join(timeout=3)
+
+    @property
+    def subscribed(self) -> bool:
+        return self._ready.is_set()
+
+    # requests ----------------------------------------------------------------------------------
+
+    def register(self, request_ids: list[str]) -> list[queue.Queue[Event]]:
+        """Queues for these requests; returns once the channel is subscribed (else Unavailable)."""
+        self._ensure_started()
+        queues: list[queue.Queue[Event]] = []
+        with self._lock:
+            for rid in request_ids:
+                q: queue.Queue[Event] = queue.Queue()
+                self._queues[rid] = q
+                queues.append(q)
+        if not self._ready.wait(SUBSCRIBE_WAIT_S):
+            self.unregister(request_ids)
+            raise Unavailable()
+        return queues
+
+    def unregister(self, request_ids: list[str]) -> None:
+        with self._lock:
+            for rid in request_ids:
+                self._queues.pop(rid, None)
+
+    def dispatch(self, data: bytes) -> None:
+        try:
+            event = protocol.decode_event(data)
+        except protocol.ProtocolError as exc:
+            log.warning("dropping a reply that is not a tgq event: %s", exc)
+            return
+        with self._lock:
+            q = self._queues.get(event.request_id)
+        if q is not None:  # else: the request already ended (client gone, timeout, duplicate)
+            q.put(event)
+
+    # reader ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pubsub = self.redis.pubsub()
+            try:
+                pubsub.subscribe(self.channel)
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        self._ready.set()
+                    elif message["type"] == "message" and message["data"]:
+                        self.dispatch(message["data"])
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+                if self._ready.is_set():
+                    log.warning("reply channel lost (%s); resubscribing", exc)
+                self._ready.clear()
+                self._stop.wait(RECONNECT_DELAY_S)
+            finally:
+                try:
+                    pubsub.close()
+                except (redis.exceptions.RedisError, OSError):
+                    pass
+        self._ready.clear()
+
+
+@dataclass
+class Relay:
+    """Which of a request's events to pass on, given re-runs (attempt + 1) and repeats.
+
+    Tokens are forwarded once per index, in order; a re-run's tokens at indexes already sent are
+    compared with what was sent and dropped, or end the request if they differ. Events from an
+    attempt older than the newest seen are stale and dropped.
+    """
+    attempt: int = 0
+    last_index: int = -1
+    sent_ids: list[int] = field(default_factory=list)
+
+    def accept(self, event: Event) -> Event | None:
+        if event.attempt < self.attempt:
+            return None
+        self.attempt = event.attempt
+        if isinstance(event, ErrorEvent):
+            return event
+        if isinstance(event, TokenEvent) and event.index <= self.last_index:
+            if self.sent_ids[event.index] != event.token.id:
+                return ErrorEvent(event.request_id, event.attempt,
+                                  "the re-run of this request diverged from the tokens already sent",
+                                  "generation")
+            return None
+        if isinstance(event, FinalEvent) and event.index <= self.last_index:
+            return ErrorEvent(event.request_id, event.attempt,
+                              "the re-run of this request ended before the tokens already sent",
+                              "generation")
+        if isinstance(event, TokenEvent):
+            self.record(event.index, event.token.id)
+        return event
+
+    def record(self, index: int, token_id: int) -> None:
+        while len(self.sent_ids) < index:
+            self.sent_ids.append(-1)  # a gap: a token we never saw (lost message)
+        self.sent_ids.append(token_id)
+        self.last_index = index
+
+
+class Subscription:
+    """One request's incoming events, with the stored-result fallback."""
+
+    def __init__(self, request_id: str, q: queue.Queue[Event],
+                 fetch_stored: Callable[[str], bytes | None]) -> None:
+        self.request_id = request_id
+        self._queue = q
+        self._fetch_stored = fetch_stored
+        self._quiet_since = time.monotonic()
+
+    def next(self, timeout: float) -> Event | None:
+        """The next event, or None after `timeout` seconds of silence."""
+        try:
+            event = self._queue.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            event = self._stored() if time.monotonic() - self._quiet_since >= RESULT_POLL_S else None
+            if event is None:
+                return None
+        self._quiet_since = time.monotonic()
+        return event
+
+    def _stored(self) -> Event | None:
+        self._quiet_since = time.monotonic()
+        data = self._fetch_stored(self.request_id)
+        if data is None:
+            return None
+        try:
+            event = protocol.decode_event(data)
+        except protocol.ProtocolError as exc:
+            log.warning("stored result of %s is not a tgq event: %s", self.request_id, exc)
+            return None
+        return event if isinstance(event, (FinalEvent, ErrorEvent)) else None

@@ -1,0 +1,102 @@
+"""`run_api`: the API under gunicorn (gevent workers), started from Python, not a command line.
+
+The master resolves the tokenizer once (a GGUF conversion must not run in every worker), wipes
+and sets PROMETHEUS_MULTIPROC_DIR *before* anything imports prometheus-client or forks, and then
+each worker builds its own app (its own Redis pool and reply subscription) after the fork.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from gunicorn.app.base import BaseApplication
+
+from common import model_files
+from common.settings import ApiSettings, LimitSettings, ModelSettings, RedisSettings
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+GRACEFUL_TIMEOUT_S = 30
+WORKER_CONNECTIONS = 1000
+
+
+class GunicornApp(BaseApplication):  # type: ignore[misc]
+    def __init__(self, options: dict[str, Any], factory: Callable[[], Any]) -> None:
+        self.options = options
+        self.factory = factory
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        return self.factory()
+
+
+def prepare_metrics_dir(existing: str | None) -> str:
+    """An empty directory for prometheus-client's multiprocess files (old ones would add up)."""
+    if existing:
+        path = Path(existing)
+        if path.is_dir():
+            for child in path.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+    return tempfile.mkdtemp(prefix="tgq-prometheus-")
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid, os.environ.get(MULTIPROC_ENV))
+
+
+def gunicorn_options(api: ApiSettings) -> dict[str, Any]:
+    return {
+        "bind": f"{api.host}:{api.port}",
+        "workers": api.workers,
+        "worker_class": "gevent",
+        "worker_connections": WORKER_CONNECTIONS,
+        "graceful_timeout": GRACEFUL_TIMEOUT_S,
+        "timeout": 60,  # heartbeat of a worker's event loop, not a request limit
+        "keepalive": 5,
+        "child_exit": _child_exit,
+        "preload_app": False,  # each worker builds its app after the fork (Redis, reply thread)
+    }
+
+
+def run_api(redis: RedisSettings, model: ModelSettings, limits: LimitSettings, api: ApiSettings) -> int:
+    """Serve the API until gunicorn's master stops; returns its exit status."""
+    metrics_dir = prepare_metrics_dir(os.environ.get(MULTIPROC_ENV))
+    os.environ[MULTIPROC_ENV] = metrics_dir
+
+    tokenizer = str(model_files.ensure_tokenizer(model_files.resolve(model.model, model.model_id),
+                                                 model.cache_dir) / "tokenizer.json")
+
+    def factory() -> Any:
+        # Imported in the worker, after gevent patched it; prometheus-client sees the variable.
+        from .app import AppConfig, create_app
+
+        return create_app(AppConfig(redis=redis, model=model, limits=limits, api=api,
+                                    metrics_dir=metrics_dir, tokenizer_file=tokenizer))
+
+    try:
+        GunicornApp(gunicorn_options(api), factory).run()
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience: python -m api.server
+    from common.settings import from_env
+
+    sys.exit(run_api(from_env(RedisSettings), from_env(ModelSettings), from_env(LimitSettings),
+                     from_env(ApiSettings)))
