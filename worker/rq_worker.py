@@ -97,7 +97,8 @@ class RedisJobs:
         self.max_attempts = max_attempts
         self._reap_every_s = reap_every_s
         self._last_reap = 0.0
-        self.metrics_increments: dict[str, float] = {}  # filled by the engine's metrics, flushed per step
+        # The engine's metrics hand over their Redis hash increments here, flushed once per step.
+        self.take_metric_increments: Callable[[], dict[str, float]] = dict
 
     # ---- RequestSource -------------------------------------------------------------------
     def fetch(self, max_jobs: int) -> list[GenerationJob]:
@@ -205,15 +206,12 @@ class RedisJobs:
         reap_expired(self.redis, self.queue, self.max_attempts)
 
     def _add_metrics(self, pipe: redis.client.Pipeline) -> None:
-        if not self.metrics_increments:
-            return
         key = protocol.batch_metrics_key(self.model_id)
-        for field, amount in self.metrics_increments.items():
-            if isinstance(amount, int) or float(amount).is_integer():
+        for field, amount in self.take_metric_increments().items():
+            if float(amount).is_integer():
                 pipe.hincrby(key, field, int(amount))
             else:
                 pipe.hincrbyfloat(key, field, amount)
-        self.metrics_increments = {}
 
     def _renew_leases(self, pipe: redis.client.Pipeline, running: list[GenerationJob]) -> None:
         """Extend the started-registry expiry of every held job, and the worker's own heartbeat."""
