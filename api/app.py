@@ -39,6 +39,7 @@ class AppConfig:
     api: ApiSettings
     metrics_dir: str | None = None  # PROMETHEUS_MULTIPROC_DIR under gunicorn; None: in-process metrics
     tokenizer_file: str | None = None  # tokenizer.json; None: found through common.model_files
+    keepalive_s: float = 15.0  # SSE comment after this much silence (axum's KeepAlive default)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -66,7 +67,7 @@ def create_app(config: AppConfig, *, redis_client: redis.Redis | None = None) ->
         model_id=model_id, limits=config.limits, api=api, redis=client, hub=hub,
         validator=Validator(config.limits, load_tokenizer(tok_path)),
         service=GenerationService(queue, hub, config.limits, api.request_timeout),
-        metrics=Metrics(config.limits, config.metrics_dir))
+        metrics=Metrics(config.limits, config.metrics_dir), keepalive_s=config.keepalive_s)
     app.extensions["tgq"] = state
 
     app.register_blueprint(routes.bp)

@@ -3,7 +3,7 @@
 Request families are recorded by each API process through prometheus-client; under gunicorn they
 live in `PROMETHEUS_MULTIPROC_DIR` and every scrape merges all processes' files. Queue and batch
 families describe the whole cluster, so they are read from Redis at scrape time:
-  tgi_queue_size          LLEN of the model's RQ queue
+  tgi_queue_size          LLEN of the model's RQ queue (what the 429 check counts)
   tgi_batch_current_size  sum of the workers' `protocol.worker_batch_key` values
   tgi_batch_next_size, tgi_batch_inference_*   the hash `protocol.batch_metrics_key` (metrics_spec)
 The text is rendered here rather than by prometheus-client so that names, `le` values and number
@@ -121,10 +121,11 @@ class Metrics:
 
     # scrape ------------------------------------------------------------------------------------
 
-    def scrape(self, client: redis.Redis, model_id: str) -> bytes:
+    def scrape(self, client: redis.Redis, model_id: str, queue_key: str) -> bytes:
+        """The exposition text; `queue_key` is the Redis list of the model's RQ queue."""
         families = list(self._local_families())
         try:
-            families.extend(self._redis_families(client, model_id))
+            families.extend(self._redis_families(client, model_id, queue_key))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             log.warning("metrics: Redis unreachable, queue and batch families left out: %s", exc)
         return render(families)
@@ -153,9 +154,9 @@ class Metrics:
             if any(v for v in observed):
                 yield fam
 
-    def _redis_families(self, client: redis.Redis, model_id: str) -> Iterable[Family]:
+    def _redis_families(self, client: redis.Redis, model_id: str, queue_key: str) -> Iterable[Family]:
         pipe = client.pipeline(transaction=False)
-        pipe.llen(protocol.queue_name(model_id))
+        pipe.llen(queue_key)
         pipe.hgetall(protocol.batch_metrics_key(model_id))
         queue_len, batch_hash = pipe.execute()
         batch_keys = list(client.scan_iter(match=protocol.worker_batch_pattern(model_id), count=500))

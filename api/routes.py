@@ -115,7 +115,7 @@ def health() -> Response:
 @bp.get("/metrics")
 def metrics() -> Response:
     st = _state()
-    return Response(st.metrics.scrape(st.redis, st.model_id), content_type="text/plain; charset=utf-8")
+    return Response(st.metrics.scrape(st.redis, st.model_id, st.service.queue.queue.key), content_type="text/plain; charset=utf-8")
 
 
 # --- non-streaming -------------------------------------------------------------------------
@@ -193,6 +193,6 @@ def _stream(raw: RawRequest, start: float, *, full_text_default: bool) -> Respon
 
     hooks = StreamHooks(on_success=succeeded, on_failure=failed, on_dropped=dropped,
                         on_close=lambda: service.release(sub))
-    body = relay_stream(sub, service.deadline(), details=valid.details, hooks=hooks,
+    body = relay_stream(sub, service.deadline(), details=valid.details, hooks=hooks, keepalive_s=st.keepalive_s,
                         prefix=raw.inputs if _full_text(valid, full_text_default) else "")
     return Response(body, status=200, headers=headers, content_type=SSE_TYPE)

@@ -23,6 +23,7 @@ class TgqState:
     validator: Validator
     service: GenerationService
     metrics: Metrics
+    keepalive_s: float = 15.0
 
     def close(self) -> None:
         """Stop the reply reader and drop connections (tests; gunicorn just exits)."""

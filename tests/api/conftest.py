@@ -98,11 +98,12 @@ def error_for(job: GenerationJob, message: str, error_type: str = "generation") 
 def make_harness(redis_url: str, model_dir: Path) -> Iterator[Callable[..., Harness]]:
     made: list[Harness] = []
 
-    def make(limits: LimitSettings = LIMITS, redis_url_override: str | None = None, **api_kw: object) -> Harness:
+    def make(limits: LimitSettings = LIMITS, redis_url_override: str | None = None, keepalive_s: float = 15.0,
+             **api_kw: object) -> Harness:
         api_kw.setdefault("request_timeout", 5.0)
         url = redis_url_override or redis_url
         config = AppConfig(redis=RedisSettings(url), model=ModelSettings(model=str(model_dir)), limits=limits,
-                           api=ApiSettings(**api_kw))  # type: ignore[arg-type]
+                           api=ApiSettings(**api_kw), keepalive_s=keepalive_s)  # type: ignore[arg-type]
         app = create_app(config)
         state = app.extensions["tgq"]
         client = redis.Redis.from_url(redis_url)

@@ -189,6 +189,24 @@ def test_stream_validation_error_is_an_event(harness: Harness) -> None:
                          b'tokens","error_type":"validation"}\n\n')
 
 
+def test_stream_keepalive_comment(make_harness) -> None:
+    h = make_harness(keepalive_s=0.2)
+    resp = h.client.post("/generate_stream", json={"inputs": "hello"}, buffered=False)
+    job = h.pop_job()
+    it = chunks(resp)
+    assert next(it) == b":\n\n"  # nothing happened for 0.2 s
+    h.publish(job, final_for(job, [tok(5, "a")], "a"))
+    assert next(it).startswith(b'data:{"token":{"id":5')
+    assert list(it) == []
+
+
+def test_stream_request_timeout_is_an_error_event(make_harness) -> None:
+    h = make_harness(request_timeout=0.3)
+    resp = h.client.post("/generate_stream", json={"inputs": "hello"}, buffered=False)
+    assert list(chunks(resp)) == [b'data:{"error":"Incomplete generation","error_type":"incomplete_generation"}\n\n']
+    assert h.redis.exists(protocol.cancel_key(h.pop_job().request_id))
+
+
 def test_stream_disconnect_sets_cancel_key(harness: Harness) -> None:
     resp = harness.client.post("/generate_stream", json={"inputs": "hello"}, buffered=False)
     job = harness.pop_job()
