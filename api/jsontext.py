@@ -19,7 +19,7 @@ I64_MIN = -(2**63)
 
 _WS = " \t\n\r"
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
-_scanstring = json.decoder.scanstring
+_scanstring = json.decoder.scanstring  # type: ignore[attr-defined]  # C implementation
 
 
 class JsonSyntaxError(ValueError):

@@ -22,6 +22,11 @@ class JobQueue:
         self.queue = Queue(protocol.queue_name(model_id), connection=client, serializer=JSONSerializer)
         self.job_timeout_s = max(1, int(job_timeout_s))
 
+    @property
+    def key(self) -> str:
+        """The Redis list RQ keeps the waiting job ids in."""
+        return str(self.queue.key)
+
     def waiting(self) -> int:
         """Jobs enqueued and not yet taken by a worker (one LLEN)."""
         return int(self.queue.count)

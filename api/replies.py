@@ -185,6 +185,7 @@ class Subscription:
 
     def next(self, timeout: float) -> Event | None:
         """The next event, or None after `timeout` seconds of silence."""
+        event: Event | None
         try:
             event = self._queue.get(timeout=max(0.0, timeout))
         except queue.Empty:

@@ -17,10 +17,9 @@ from common.errors import Overloaded, ServiceError, Unavailable, ValidationError
 from common.schemas import FinalEvent
 
 from .errors import JSON
-from .parsing import (JSON_CONTENT_TYPE_MSG, RawParameters, RawRequest, Rejection, is_json_content_type,
-                      parse_request)
-from .responses import (dumps, generate_body, generate_headers, pick_best, stream_headers,
-                        timing_for)
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .parsing import JSON_CONTENT_TYPE_MSG, RawParameters, RawRequest, Rejection, is_json_content_type, parse_request
+from .responses import dumps, generate_body, generate_headers, pick_best, stream_headers, timing_for
 from .service import ClientGone, GenerationService, Submission
 from .state import TgqState
 from .streaming import CONTENT_TYPE as SSE_TYPE
@@ -115,7 +114,8 @@ def health() -> Response:
 @bp.get("/metrics")
 def metrics() -> Response:
     st = _state()
-    return Response(st.metrics.scrape(st.redis, st.model_id, st.service.queue.queue.key), content_type="text/plain; charset=utf-8")
+    text = st.metrics.scrape(st.redis, st.model_id, st.service.queue.key)
+    return Response(text, content_type=METRICS_CONTENT_TYPE)
 
 
 # --- non-streaming -------------------------------------------------------------------------
@@ -193,6 +193,7 @@ def _stream(raw: RawRequest, start: float, *, full_text_default: bool) -> Respon
 
     hooks = StreamHooks(on_success=succeeded, on_failure=failed, on_dropped=dropped,
                         on_close=lambda: service.release(sub))
-    body = relay_stream(sub, service.deadline(), details=valid.details, hooks=hooks, keepalive_s=st.keepalive_s,
+    body = relay_stream(sub, service.deadline(), details=valid.details, hooks=hooks,
+                        keepalive_s=st.keepalive_s,
                         prefix=raw.inputs if _full_text(valid, full_text_default) else "")
     return Response(body, status=200, headers=headers, content_type=SSE_TYPE)

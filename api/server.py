@@ -68,8 +68,8 @@ def gunicorn_options(api: ApiSettings) -> dict[str, Any]:
         "timeout": 60,  # heartbeat of a worker's event loop, not a request limit
         "keepalive": 5,
         "child_exit": _child_exit,
-        "preload_app": False,
-        "control_socket_disable": True,  # gunicorn 27's control socket path is shared per user  # each worker builds its app after the fork (Redis, reply thread)
+        "preload_app": False,  # each worker builds its app after the fork (Redis, reply thread)
+        "control_socket_disable": True,  # gunicorn 27's control socket path is shared per user
     }
 
 

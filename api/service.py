@@ -70,12 +70,12 @@ class GenerationService:
                 reply_to=self.hub.channel,
                 want_tokens=not stream and (valid.details or valid.best_of > 1),
                 want_prefill=not stream and valid.details,
-                attempt=0, enqueued_at=enqueued_at) for rid, seed in zip(ids, seeds)]
+                attempt=0, enqueued_at=enqueued_at) for rid, seed in zip(ids, seeds, strict=True)]
             self.queue.enqueue(jobs)
         except BaseException:
             self.hub.unregister(ids)
             raise
-        subs = [Subscription(rid, q, self.queue.stored_result) for rid, q in zip(ids, queues)]
+        subs = [Subscription(rid, q, self.queue.stored_result) for rid, q in zip(ids, queues, strict=True)]
         return Submission(jobs, subs, [Relay() for _ in ids], enqueued_at)
 
     def deadline(self) -> float:
@@ -86,7 +86,7 @@ class GenerationService:
         """Wait for every copy's FinalEvent; raises the first error, IncompleteGeneration, ClientGone."""
         finals: list[FinalEvent] = []
         last_check = time.monotonic()
-        for subscription, relay in zip(sub.subscriptions, sub.relays):
+        for subscription, relay in zip(sub.subscriptions, sub.relays, strict=True):
             while True:
                 now = time.monotonic()
                 if now >= deadline:

@@ -93,9 +93,9 @@ def relay_stream(sub: Submission, deadline: float, *, prefix: str, details: bool
                 last_write = time.monotonic()
             elif isinstance(accepted, ErrorEvent):
                 ended = True
-                exc = error_from_event(accepted)
-                hooks.on_failure(exc)
-                yield error_event(exc)
+                error = error_from_event(accepted)
+                hooks.on_failure(error)
+                yield error_event(error)
                 return
             elif isinstance(accepted, FinalEvent):
                 # Tokens lost in transit (a dropped subscription) are recovered from the final

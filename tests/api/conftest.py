@@ -15,8 +15,7 @@ from rq.serializers import JSONSerializer
 
 from api.app import AppConfig, create_app
 from common import protocol
-from common.schemas import (ErrorEvent, Event, FinalEvent, FinishReason, GenerationJob, PrefillToken,
-                            Token, TokenEvent)
+from common.schemas import ErrorEvent, Event, FinalEvent, FinishReason, GenerationJob, PrefillToken, Token, TokenEvent
 from common.settings import ApiSettings, LimitSettings, ModelSettings, RedisSettings
 from tests.support.tiny_tokenizer import write_model_dir
 
