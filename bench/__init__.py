@@ -1,0 +1,1 @@
+"""Benchmarks: the load generator (`tgq bench`), the one-at-a-time baseline worker and the suite."""

@@ -1,0 +1,646 @@
+"""`python -m bench.suite` (`make bench`): tgq against its yardsticks, in one run, on one machine.
+
+With one model, dtype and thread count throughout:
+  raw     the bare batched greedy loop (`worker.rawloop.raw_decode_tokps`) at B = each concurrency,
+          and the Engine on the same workload without Redis (`engine_decode_tokps`), in a child process;
+  tgq     private redis-server + `tgq worker` + `tgq api` on loopback, driven by `bench.client` with
+          C concurrent streaming clients x --new-tokens;
+  naive   the same API and Redis with `bench.naive_worker` (model.generate, one request at a time);
+  scale   1 vs 2 tgq workers at --threads 1 (at the largest concurrency);
+  llama   (--llamacpp) llama-cpp-python's server on the shipped Q4_1 GGUF and on a bf16 GGUF of the same
+          weights (`bench.gguf_bf16`), driven by the same client through /v1/completions.
+Every figure is the median over --repeats runs. Results go to stdout (a table) and bench-results/*.json.
+
+Server processes run at normal priority, one configuration at a time; the client is one asyncio
+thread. The machine may be shared: the load average at start is recorded with the results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from . import stats
+from .client import run_load
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench-results"
+
+
+# ---- process helpers -----------------------------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_status_kb(pid: int, field: str = "VmHWM") -> int | None:
+    """A `kB` field of /proc/<pid>/status (VmHWM: peak resident set size)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def tcp_data_segments_out(pids: list[int], port: int) -> int | None:
+    """TCP data segments sent to 127.0.0.1:`port` by the processes `pids` (from `ss -ti`).
+
+    redis-py sends one command, or one whole pipeline, with one sendall; on loopback (64 KiB MSS,
+    TCP_NODELAY) that is one segment, so the delta of this count is the number of Redis round trips.
+    None when `ss` is missing."""
+    exe = shutil.which("ss")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "-tinpH", "state", "established", "dport", "=", f":{port}"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    wanted = {f"pid={p}," for p in pids}
+    total, current = 0, False
+    for line in out.splitlines():
+        if line[:1].isspace():  # the info line of the socket above
+            if current and (m := re.search(r"\bdata_segs_out:(\d+)", line)):
+                total += int(m.group(1))
+            continue
+        current = any(w in line for w in wanted)
+    return total
+
+
+class Child:
+    """A server process with its output in bench-results/logs/<name>.log."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, n: int = 3000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait_until(check: Any, procs: list[Child], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} exited while waiting for {what}:\n{p.tail()}")
+        if check():
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"timed out waiting for {what}\n" + "\n".join(p.tail(1500) for p in procs))
+
+
+class TgqStack:
+    """Private redis-server + N workers (tgq's or the naive baseline) + the API, on loopback."""
+
+    def __init__(self, args: argparse.Namespace, label: str, workers: int, threads: int, naive: bool = False) -> None:
+        self.args, self.label, self.n_workers, self.threads, self.naive = args, label, workers, threads, naive
+        self.redis_proc: subprocess.Popen | None = None
+        self.redis_dir: Path | None = None
+        self.workers: list[Child] = []
+        self.api: Child | None = None
+        self.url = ""
+        self.redis: Any = None
+        self.redis_port = 0
+        self.metrics_ports: list[int] = []
+        self.problems: list[str] = []  # e.g. a worker that died during a run
+
+    def start(self) -> TgqStack:
+        import redis
+        from rq import Worker
+
+        from common.serve import start_private_redis
+
+        self.redis_proc, redis_url, self.redis_dir = start_private_redis()
+        self.redis = redis.Redis.from_url(redis_url)
+        self.redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+        a = self.args
+        logs = a.out / "logs"
+        model_flags = ["--redis-url", redis_url, "--model", a.model]
+        if a.cache_dir:
+            model_flags += ["--cache-dir", a.cache_dir]
+        for i in range(self.n_workers):
+            worker_flags = model_flags + ["--dtype", a.dtype, "--threads", str(self.threads),
+                                          "--max-batch-size", str(a.max_batch_size), "--name", f"{self.label}-{i}"]
+            if self.naive:
+                cmd = [sys.executable, "-m", "bench.naive_worker", *worker_flags]
+            else:
+                self.metrics_ports.append(_free_port())
+                cmd = [sys.executable, "-m", "common.cli", "worker", *worker_flags,
+                       "--metrics-port", str(self.metrics_ports[-1])]
+            self.workers.append(Child(f"{self.label}-worker{i}", cmd, logs))
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.api = Child(f"{self.label}-api", [sys.executable, "-m", "common.cli", "api", *model_flags, "--host",
+                                               "127.0.0.1", "--port", str(port), "--workers", str(a.api_workers),
+                                               "--max-queue-length", "1024"], logs)
+        procs = [*self.workers, self.api]
+        _wait_until(lambda: Worker.count(connection=self.redis) >= self.n_workers, procs, 600, "workers to register")
+        _wait_until(lambda: _http_ok(self.url + "/health"), procs, 300, "the API's /health")
+        return self
+
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in self.workers]
+
+    def peak_rss_mib(self) -> list[float | None]:
+        return [None if (kb := proc_status_kb(pid)) is None else kb / 1024 for pid in self.worker_pids()]
+
+    def round_trips(self) -> int | None:
+        return tcp_data_segments_out(self.worker_pids(), self.redis_port)
+
+    def worker_samples(self) -> list[dict] | None:
+        """Each tgq worker's own /metrics (its --metrics-port), or None for the naive baseline."""
+        if not self.metrics_ports:
+            return None
+        out = []
+        for port in self.metrics_ports:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+                    out.append(stats.parse_prometheus(resp.read().decode()))
+            except (urllib.error.URLError, OSError):
+                return None
+        return out
+
+    def redis_counters(self) -> dict[str, Any]:
+        s = self.redis.info("stats")
+        return {"commands": stats.commandstats_calls(self.redis.info("commandstats")),
+                "reads": int(s.get("total_reads_processed", 0))}
+
+    def stop(self, errors: list[str] | None = None) -> None:
+        if errors is not None:
+            errors.extend(self.problems)
+        if self.api is not None:
+            self.api.stop(35)
+        for w in self.workers:
+            w.stop(40)
+        if self.redis_proc is not None and self.redis_proc.poll() is None:
+            self.redis_proc.terminate()
+            try:
+                self.redis_proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.redis_proc.kill()
+        if self.redis_dir is not None:
+            shutil.rmtree(self.redis_dir, ignore_errors=True)
+
+
+class LlamaCppServer:
+    """`python -m llama_cpp.server` on one GGUF (interrupt_requests off: it would abort concurrent streams)."""
+
+    def __init__(self, args: argparse.Namespace, label: str, gguf: Path) -> None:
+        self.args, self.label, self.gguf = args, label, gguf
+        self.child: Child | None = None
+        self.url = ""
+
+    def start(self) -> LlamaCppServer:
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        n_ctx = max(2048, self.args.prompt_tokens + self.args.new_tokens + 64)
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf), "--host", "127.0.0.1",
+               "--port", str(port), "--n_threads", str(self.args.threads), "--n_threads_batch",
+               str(self.args.threads), "--n_ctx", str(n_ctx), "--interrupt_requests", "False"]
+        self.child = Child(self.label, cmd, self.args.out / "logs")
+        _wait_until(lambda: _http_ok(self.url + "/v1/models"), [self.child], 300, "llama.cpp's server")
+        return self
+
+    def peak_rss_mib(self) -> float | None:
+        kb = proc_status_kb(self.child.pid) if self.child else None
+        return None if kb is None else kb / 1024
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop(15)
+
+
+# ---- measurements --------------------------------------------------------------------------------
+
+def _say(msg: str) -> None:
+    print(f"[suite {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _load(args: argparse.Namespace, url: str, api: str, clients: int, requests: int, deadline: float | None,
+          new_tokens: int | None = None) -> dict[str, Any]:
+    return run_load(url, api=api, clients=clients, prompt_tokens=args.prompt_tokens,
+                    new_tokens=new_tokens or args.new_tokens, requests=requests, hard_deadline_s=deadline,
+                    progress=args.progress)
+
+
+def _warm_up(args: argparse.Namespace, url: str, api: str) -> None:
+    _load(args, url, api, 1, 1, 120, new_tokens=8)
+    top = max(args.concurrency)
+    _load(args, url, api, top, top, 120, new_tokens=4)
+
+
+def _measure_stack(args: argparse.Namespace, stack: TgqStack, concurrencies: list[int], rounds: int,
+                   deadline: float | None) -> dict[str, Any]:
+    """Repeated load runs at each concurrency; per run also Redis traffic and the workers' round trips."""
+    out: dict[str, Any] = {}
+    for c in concurrencies:
+        runs = []
+        for rep in range(args.repeats):
+            before_r, before_w, before_m = stack.redis_counters(), stack.round_trips(), stack.worker_samples()
+            res = _load(args, stack.url, "tgi", c, max(1, c * rounds) if rounds else max(2, c), deadline)
+            after_r, after_w, after_m = stack.redis_counters(), stack.round_trips(), stack.worker_samples()
+            by_cmd = stats.counter_delta(before_r["commands"], after_r["commands"])
+            if before_m is not None and after_m is not None:
+                res["workers"] = _worker_deltas(before_m, after_m)
+            srv = res.get("server") or {}
+            steps = (srv.get("decode_steps") or 0) + (srv.get("prefill_steps") or 0)
+            if not steps and res.get("workers"):  # the API did not export the batch families
+                steps = (res["workers"]["decode_steps"] or 0) + (res["workers"]["prefill_steps"] or 0)
+            trips = None if before_w is None or after_w is None else after_w - before_w
+            res["redis"] = {
+                "commands": sum(by_cmd.values()), "by_command": by_cmd, "reads": after_r["reads"] - before_r["reads"],
+                "worker_round_trips": trips, "steps": steps,
+                "worker_round_trips_per_step": (trips / steps) if trips is not None and steps else None,
+                "commands_per_step": (sum(by_cmd.values()) / steps) if steps else None,
+            }
+            dead = [w.name for w in stack.workers if not w.alive()]
+            if dead:
+                res["dead_workers"] = dead
+                note = f"{stack.label} c={c}: worker(s) {', '.join(dead)} exited during the run: " + \
+                    " | ".join(w.tail(300).strip().splitlines()[-1] for w in stack.workers if not w.alive())
+                if note not in stack.problems:
+                    stack.problems.append(note)
+            runs.append(res)
+            _say(f"{stack.label} c={c} run {rep + 1}/{args.repeats}: {res['tokens_per_s']:.1f} tok/s, "
+                 f"TTFT p50 {_fmt_ms(res['ttft_s']['p50'])}, ITL p50 {_fmt_ms(res['itl_s']['p50'])}, "
+                 f"errors {res['errors']}")
+        out[str(c)] = _median_of(runs)
+    return out
+
+
+def _worker_deltas(before: list[dict], after: list[dict]) -> dict[str, Any]:
+    """Steps and batch sizes from the workers' own /metrics, summed over workers."""
+    def total(name: str, **labels: str) -> float | None:
+        vals = [(stats.metric_value(a, name, **labels) or 0.0) - (stats.metric_value(b, name, **labels) or 0.0)
+                for b, a in zip(before, after)]
+        return sum(vals) if any(stats.metric_value(a, name, **labels) is not None for a in after) else None
+
+    nxt = [stats.histogram_delta(b, a, "tgi_batch_next_size") for b, a in zip(before, after)]
+    count = sum(n["count"] for n in nxt)
+    dec = [stats.histogram_delta(b, a, "tgi_batch_inference_duration", method="decode") for b, a in zip(before, after)]
+    dcount = sum(d["count"] for d in dec)
+    return {"decode_steps": total("tgi_batch_inference_count", method="decode"),
+            "prefill_steps": total("tgi_batch_inference_count", method="prefill"),
+            "batch_next_size_mean": (sum(n["sum"] for n in nxt) / count) if count else None,
+            "batch_next_size_max": max((n["max_le"] or 0) for n in nxt) if nxt else None,
+            "decode_step_mean_s": (sum(d["sum"] for d in dec) / dcount) if dcount else None}
+
+
+def _measure_llama(args: argparse.Namespace, server: LlamaCppServer, concurrencies: list[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for c in concurrencies:
+        runs = []
+        for rep in range(args.repeats):
+            res = _load(args, server.url, "openai", c, max(2, c), args.window)
+            runs.append(res)
+            _say(f"{server.label} c={c} run {rep + 1}/{args.repeats}: {res['tokens_per_s']:.1f} tok/s, "
+                 f"errors {res['errors']}")
+        out[str(c)] = _median_of(runs)
+    return out
+
+
+def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The headline figures as medians over runs, plus every run's full summary."""
+    def med(get: Any) -> float | None:
+        vals = []
+        for r in runs:
+            try:
+                vals.append(get(r))
+            except (KeyError, TypeError):
+                vals.append(None)
+        return stats.median(vals)
+
+    return {
+        "tokens_per_s": med(lambda r: r["tokens_per_s"]),
+        "ttft_p50_s": med(lambda r: r["ttft_s"]["p50"]), "ttft_p95_s": med(lambda r: r["ttft_s"]["p95"]),
+        "itl_p50_s": med(lambda r: r["itl_s"]["p50"]), "itl_p95_s": med(lambda r: r["itl_s"]["p95"]),
+        "latency_p50_s": med(lambda r: r["latency_s"]["p50"]),
+        "errors": sum(r["errors"] for r in runs),
+        "batch_max": med(lambda r: r["server"]["batch_current_size"]["max"]),
+        "batch_mean_busy": med(lambda r: r["server"]["batch_current_size"]["mean_nonzero"]),
+        "batch_next_mean": med(lambda r: r["server"]["batch_next_size"]["mean"]
+                               if r["server"]["batch_next_size"]["count"] else r["workers"]["batch_next_size_mean"]),
+        "decode_step_mean_s": med(lambda r: r["server"]["decode_step_mean_s"]
+                                  if r["server"]["decode_step_mean_s"] is not None else r["workers"]["decode_step_mean_s"]),
+        "round_trips_per_step": med(lambda r: r["redis"]["worker_round_trips_per_step"]),
+        "commands_per_step": med(lambda r: r["redis"]["commands_per_step"]),
+        "runs": runs,
+    }
+
+
+def _raw_child(args: argparse.Namespace) -> int:
+    """Runs in a child process: load the model, time the bare loop and the Redis-less engine."""
+    from common import model_files
+    from worker.model import load_model
+
+    source = model_files.resolve(args.model)
+    loaded = load_model(source, args.cache_dir, "cpu", args.dtype, args.threads)
+    out: dict[str, Any] = {"raw": {}, "engine": {}, "errors": []}
+    try:
+        from worker.rawloop import engine_decode_tokps, raw_decode_tokps
+    except ImportError as exc:
+        print(json.dumps({"raw": {}, "engine": {}, "errors": [f"worker.rawloop unavailable: {exc}"]}))
+        return 0
+    raw_decode_tokps(loaded, 1, 4, args.prompt_tokens)  # warm-up
+    for b in args.concurrency:
+        out["raw"][str(b)] = [raw_decode_tokps(loaded, b, args.new_tokens, args.prompt_tokens)
+                              for _ in range(args.repeats)]
+        try:
+            out["engine"][str(b)] = [engine_decode_tokps(loaded, b, args.new_tokens, args.prompt_tokens)
+                                     for _ in range(args.repeats)]
+        except Exception as exc:  # the engine yardstick is extra; keep the raw figures
+            out["errors"].append(f"engine_decode_tokps B={b}: {type(exc).__name__}: {exc}")
+        print(f"[raw] B={b}: raw {out['raw'][str(b)]} engine {out['engine'].get(str(b))}", file=sys.stderr, flush=True)
+    out["peak_rss_mib"] = (proc_status_kb(os.getpid()) or 0) / 1024
+    print(json.dumps(out))
+    return 0
+
+
+def _run_raw(args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.suite", "--raw-child", "--model", args.model, "--dtype", args.dtype,
+           "--threads", str(args.threads), "--concurrency", ",".join(map(str, args.concurrency)),
+           "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens),
+           "--repeats", str(args.repeats)]
+    if args.cache_dir:
+        cmd += ["--cache-dir", args.cache_dir]
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"raw": {}, "engine": {}, "errors": [f"raw child exited {proc.returncode}"]}
+    data = json.loads(lines[-1])
+    data["raw_median"] = {b: stats.median(v) for b, v in data["raw"].items()}
+    data["engine_median"] = {b: stats.median(v) for b, v in data["engine"].items()}
+    return data
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+def _fmt_ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:.0f}ms"
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}x"
+
+
+def format_table(res: dict[str, Any]) -> str:
+    cfg = res["config"]
+    raw = res.get("raw") or {}
+    tgq, naive = res.get("tgq") or {}, res.get("naive") or {}
+    llq, llb = res.get("llamacpp_q4_1") or {}, res.get("llamacpp_bf16") or {}
+    lines = [f"model {cfg['model']}  dtype {cfg['dtype']}  threads {cfg['threads']}  new tokens {cfg['new_tokens']}  "
+             f"prompt ~{cfg['prompt_tokens']} tokens  repeats {cfg['repeats']} (medians)  load avg at start "
+             f"{cfg['loadavg_start']}", ""]
+    head = (f"{'C':>3} | {'raw loop':>8} {'engine':>7} | {'tgq tok/s':>9} {'TTFT p50':>8} {'ITL p50':>7} "
+            f"{'batch':>5} {'RT/step':>7} | {'naive':>6} {'TTFT':>7} | {'llama q4':>8} {'llama bf16':>10} | "
+            f"{'/raw':>6} {'/naive':>6} {'/q4':>6} {'/bf16':>6}")
+    lines += [head, "-" * len(head)]
+    for c in cfg["concurrency"]:
+        k = str(c)
+        t, n = tgq.get(k) or {}, naive.get(k) or {}
+        q, b = llq.get(k) or {}, llb.get(k) or {}
+        r = (raw.get("raw_median") or {}).get(k)
+        e = (raw.get("engine_median") or {}).get(k)
+        tt = t.get("tokens_per_s")
+        lines.append(
+            f"{c:>3} | {_fmt(r):>8} {_fmt(e):>7} | {_fmt(tt):>9} {_fmt_ms(t.get('ttft_p50_s')):>8} "
+            f"{_fmt_ms(t.get('itl_p50_s')):>7} {_fmt(t.get('batch_max'), '.0f'):>5} "
+            f"{_fmt(t.get('round_trips_per_step'), '.2f'):>7} | {_fmt(n.get('tokens_per_s')):>6} "
+            f"{_fmt_ms(n.get('ttft_p50_s')):>7} | {_fmt(q.get('tokens_per_s')):>8} {_fmt(b.get('tokens_per_s')):>10} | "
+            f"{_ratio(tt, r):>6} {_ratio(tt, n.get('tokens_per_s')):>6} {_ratio(tt, q.get('tokens_per_s')):>6} "
+            f"{_ratio(tt, b.get('tokens_per_s')):>6}")
+    lines += ["", "raw loop / engine: decode tok/s of the bare batched loop / of tgq's Engine without Redis, at B=C "
+              "(prefill excluded); tgq, naive, llama: generated tok/s seen by C streaming clients (wall clock, "
+              "prefill and HTTP included). batch: largest tgi_batch_current_size sampled. RT/step: the worker's "
+              "Redis round trips (TCP data segments it sent, from ss) per prefill/decode step."]
+    scale = res.get("scaleout") or {}
+    if scale:
+        lines.append("")
+        for label, d in scale.items():
+            lines.append(f"scale-out {label}: {_fmt(d.get('tokens_per_s'))} tok/s, TTFT p50 "
+                         f"{_fmt_ms(d.get('ttft_p50_s'))}, ITL p50 {_fmt_ms(d.get('itl_p50_s'))}, peak RSS/worker "
+                         f"{d.get('peak_rss_mib')} MiB")
+    rss = res.get("peak_rss_mib") or {}
+    if rss:
+        lines.append("peak RSS (VmHWM, MiB): " + ", ".join(f"{k} {v}" for k, v in rss.items()))
+    t = tgq.get(str(max(cfg["concurrency"]))) or {}
+    if t.get("commands_per_step") is not None:
+        lines.append(f"Redis commands per step at C={max(cfg['concurrency'])} (all clients, INFO commandstats): "
+                     f"{t['commands_per_step']:.1f}")
+    for err in res.get("errors", []):
+        lines.append(f"note: {err}")
+    return "\n".join(lines)
+
+
+def _rss_round(values: list[float | None]) -> list[float | None]:
+    return [None if v is None else round(v, 1) for v in values]
+
+
+def run_suite(args: argparse.Namespace) -> dict[str, Any]:
+    res: dict[str, Any] = {"config": {
+        "model": args.model, "dtype": args.dtype, "threads": args.threads, "concurrency": args.concurrency,
+        "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
+        "quick": args.quick, "rounds": args.rounds, "naive_window_s": args.window, "api_workers": args.api_workers,
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, "errors": [], "peak_rss_mib": {}}
+    skip = set(args.skip)
+    if "raw" not in skip:
+        _say("raw loop and Redis-less engine (child process)")
+        res["raw"] = _run_raw(args)
+        res["errors"] += res["raw"].get("errors", [])
+        if res["raw"].get("peak_rss_mib"):
+            res["peak_rss_mib"]["raw loop process"] = round(res["raw"]["peak_rss_mib"], 1)
+    top = [max(args.concurrency)]
+    if "tgq" not in skip:
+        stack = TgqStack(args, "tgq", 1, args.threads)
+        try:
+            _say(f"tgq: 1 worker, {args.threads} thread(s)")
+            stack.start()
+            _warm_up(args, stack.url, "tgi")
+            res["tgq"] = _measure_stack(args, stack, args.concurrency, args.rounds, args.deadline)
+            res["peak_rss_mib"]["tgq worker"] = _rss_round(stack.peak_rss_mib())
+        except RuntimeError as exc:
+            res["errors"].append(f"tgq stack: {exc}")
+        finally:
+            stack.stop(res["errors"])
+    if "naive" not in skip:
+        stack = TgqStack(args, "naive", 1, args.threads, naive=True)
+        try:
+            _say(f"naive baseline: 1 worker, {args.threads} thread(s), {args.window:.0f} s window per run")
+            stack.start()
+            _load(args, stack.url, "tgi", 1, 1, 120, new_tokens=8)
+            res["naive"] = _measure_stack(args, stack, args.concurrency, 0, args.window)
+            res["peak_rss_mib"]["naive worker"] = _rss_round(stack.peak_rss_mib())
+        except RuntimeError as exc:
+            res["errors"].append(f"naive stack: {exc}")
+        finally:
+            stack.stop(res["errors"])
+    if "scale" not in skip:
+        res["scaleout"] = {}
+        for n in (1, 2):
+            if n == 1 and args.threads == 1 and res.get("tgq"):
+                d = dict(res["tgq"][str(top[0])])
+                d["peak_rss_mib"] = res["peak_rss_mib"].get("tgq worker")
+                res["scaleout"][f"1 worker x 1 thread, C={top[0]}"] = {k: v for k, v in d.items() if k != "runs"}
+                continue
+            stack = TgqStack(args, f"scale{n}", n, 1)
+            try:
+                _say(f"scale-out: {n} worker(s) x 1 thread at C={top[0]}")
+                stack.start()
+                _warm_up(args, stack.url, "tgi")
+                d = _measure_stack(args, stack, top, args.rounds, args.deadline)[str(top[0])]
+                d["peak_rss_mib"] = _rss_round(stack.peak_rss_mib())
+                res["scaleout"][f"{n} worker(s) x 1 thread, C={top[0]}"] = d
+            except RuntimeError as exc:
+                res["errors"].append(f"scale-out {n}: {exc}")
+            finally:
+                stack.stop(res["errors"])
+    if args.llamacpp:
+        _run_llamacpp(args, res)
+    return res
+
+
+def _run_llamacpp(args: argparse.Namespace, res: dict[str, Any]) -> None:
+    try:
+        import llama_cpp.server  # noqa: F401
+    except ImportError as exc:
+        res["errors"].append(f"--llamacpp: llama-cpp-python[server] is not installed ({exc})")
+        return
+    from common import model_files
+
+    source = model_files.resolve(args.model)
+    if not source.is_gguf:
+        res["errors"].append("--llamacpp needs a GGUF model (smollm2 or a .gguf path)")
+        return
+    ggufs = {"llamacpp_q4_1": source.path}
+    try:
+        from .gguf_bf16 import bf16_gguf_for
+
+        _say("writing the bf16 GGUF (once)")
+        ggufs["llamacpp_bf16"] = bf16_gguf_for(source.path, model_files.cache_root(args.cache_dir) / "gguf-bf16")
+    except Exception as exc:  # the Q4_1 comparison still runs
+        res["errors"].append(f"bf16 GGUF: {type(exc).__name__}: {exc}")
+    for key, path in ggufs.items():
+        server = LlamaCppServer(args, key, path)
+        try:
+            _say(f"{key}: llama.cpp server on {path.name}, {args.threads} thread(s)")
+            server.start()
+            _warm_up(args, server.url, "openai")
+            res[key] = _measure_llama(args, server, args.concurrency)
+            res["peak_rss_mib"][key] = None if (v := server.peak_rss_mib()) is None else round(v, 1)
+        except RuntimeError as exc:
+            res["errors"].append(f"{key}: {exc}")
+        finally:
+            server.stop()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.suite", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke check: C=1,8, 32 new tokens, 1 repeat, short windows")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per worker (and llama.cpp threads); 1 leaves a core to the API, Redis "
+                        "and the client on a 2-core machine")
+    p.add_argument("--concurrency", default=None, help="comma-separated client counts (default 1,8,16,32)")
+    p.add_argument("--new-tokens", type=int, default=None, help="default 128 (32 with --quick)")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=None, help="runs per figure, median reported (default 3)")
+    p.add_argument("--rounds", type=int, default=None, help="requests per client per tgq run (default 2)")
+    p.add_argument("--window", type=float, default=None,
+                   help="seconds per naive/llama.cpp run before in-flight streams are cut (default 30)")
+    p.add_argument("--deadline", type=float, default=300.0, help="safety cut of a tgq run, seconds")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--api-workers", type=int, default=1, help="gunicorn workers of the API")
+    p.add_argument("--cache-dir", default="")
+    p.add_argument("--llamacpp", action="store_true", help="also llama-cpp-python's server (Q4_1 and bf16 GGUF)")
+    p.add_argument("--skip", default="", help="comma-separated parts to leave out: raw,tgq,naive,scale")
+    p.add_argument("--progress", action="store_true", help="tqdm bars for every load run")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--raw-child", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = _parser().parse_args(argv)
+    q = args.quick
+    args.concurrency = [int(x) for x in (args.concurrency or ("1,8" if q else "1,8,16,32")).split(",") if x]
+    if not args.concurrency or min(args.concurrency) < 1:
+        raise SystemExit("--concurrency needs positive integers")
+    args.new_tokens = args.new_tokens or (32 if q else 128)
+    args.repeats = args.repeats or (1 if q else 3)
+    args.rounds = args.rounds or (1 if q else 2)
+    args.window = args.window or (10.0 if q else 30.0)
+    args.skip = [s for s in args.skip.split(",") if s]
+    args.max_batch_size = max(args.max_batch_size, max(args.concurrency))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.raw_child:
+        return _raw_child(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    res = run_suite(args)
+    table = format_table(res)
+    print(table)
+    path = args.out / f"suite-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    res["table"] = table
+    path.write_text(json.dumps(res, indent=1))
+    print(f"\nresults: {path}")
+    return 0 if not res["errors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
