@@ -153,7 +153,8 @@ class Relay:
         if isinstance(event, ErrorEvent):
             return event
         if isinstance(event, TokenEvent) and event.index <= self.last_index:
-            if self.sent_ids[event.index] != event.token.id:
+            sent = self.sent_ids[event.index]
+            if sent != -1 and sent != event.token.id:
                 return ErrorEvent(event.request_id, event.attempt,
                                   "the re-run of this request diverged from the tokens already sent",
                                   "generation")
@@ -168,7 +169,7 @@ class Relay:
 
     def record(self, index: int, token_id: int) -> None:
         while len(self.sent_ids) < index:
-            self.sent_ids.append(-1)  # a gap: a token we never saw (lost message)
+            self.sent_ids.append(-1)  # a gap: a token never seen (lost message), nothing to compare
         self.sent_ids.append(token_id)
         self.last_index = index
 

@@ -78,26 +78,30 @@ def _full_text(valid: ValidRequest, default: bool) -> bool:
 
 # --- routes --------------------------------------------------------------------------------
 
+# TGI's handlers (and so their clock and `tgi_request_count`) start once the body was extracted.
+
 @bp.post("/generate")
 def generate() -> Response:
+    raw = _body()
     start = time.time()
     _state().metrics.request_count.inc()
-    return _generate(_body(), start, full_text_default=False, as_list=False)
+    return _generate(raw, start, full_text_default=False, as_list=False)
 
 
 @bp.post("/generate_stream")
 def generate_stream() -> Response:
+    raw = _body()
     start = time.time()
     _state().metrics.request_count.inc()
-    return _stream(_body(), start, full_text_default=False)
+    return _stream(raw, start, full_text_default=False)
 
 
 @bp.post("/")
 @bp.post("/invocations")
 def compat_generate() -> Response:
+    raw = _body()
     start = time.time()
     _state().metrics.request_count.inc()
-    raw = _body()
     if raw.stream:
         return _stream(raw, start, full_text_default=COMPAT_RETURN_FULL_TEXT)
     return _generate(raw, start, full_text_default=COMPAT_RETURN_FULL_TEXT, as_list=True)

@@ -96,10 +96,10 @@ class GenerationService:
                     if client_gone():
                         raise ClientGone()
                 event = subscription.next(min(deadline - now, CLIENT_CHECK_S))
-                if event is None:
-                    continue
+                if event is None or isinstance(event, TokenEvent):
+                    continue  # nothing was sent to this client yet: only the outcome matters
                 accepted = relay.accept(event)
-                if accepted is None or isinstance(accepted, TokenEvent):
+                if accepted is None:
                     continue
                 if isinstance(accepted, ErrorEvent):
                     raise error_from_event(accepted)

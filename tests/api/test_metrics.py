@@ -98,3 +98,11 @@ def test_cluster_families_from_redis(harness: Harness) -> None:
     assert s['tgi_batch_inference_duration_bucket{method="decode",le="0.01946195068359375"}'] == 0
     assert s['tgi_batch_inference_duration_count{method="decode"}'] == 10
     assert 'tgi_batch_inference_duration_count{method="prefill"}' not in s
+
+
+def test_rejected_bodies_are_not_counted(harness: Harness) -> None:
+    """TGI's handler (and tgi_request_count) only runs once the JSON extractor accepted the body."""
+    harness.client.post("/generate", data=b"{", content_type="application/json")
+    harness.client.post("/generate", data=b'{"inputs":"x"}')
+    harness.client.post("/", json={"inputs": 1})
+    assert "tgi_request_count" not in harness.client.get("/metrics").data.decode()

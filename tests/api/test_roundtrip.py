@@ -1,6 +1,7 @@
 """Full request round trips: the Flask app against real Redis, with the test playing the worker."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -302,3 +303,14 @@ def test_best_of_handler_errors(harness: Harness, path: str) -> None:
     assert resp.status_code == 422
     assert resp.data == (b'{"error":"Input validation error: `best_of` must be > 0 and <= 2. Given: 3",'
                          b'"error_type":"validation"}')
+
+
+def test_stream_lost_tokens_are_filled_from_the_final_event(harness: Harness) -> None:
+    resp = harness.client.post("/generate_stream", json={"inputs": "hello"}, buffered=False)
+    job = harness.pop_job()
+    harness.publish(job, TokenEvent(job.request_id, 0, 0, TOKENS[0]))
+    # index 1 never arrives; the final event carries every token (a worker may always include them)
+    final = final_for(job, TOKENS, " hello world")
+    harness.publish(job, dataclasses.replace(final, tokens=tuple(TOKENS)))
+    texts = [json.loads(c[5:])["token"]["text"] for c in sse_chunks(resp)]
+    assert texts == [" hello", " world", "</s>"]

@@ -35,11 +35,13 @@ sys.exit(run_api(RedisSettings(sys.argv[1]), ModelSettings(model=sys.argv[2]),
 """
 
 
-@pytest.fixture
-def server(redis_url: str, model_dir: Path, tmp_path: Path) -> Iterator[str]:
+@pytest.fixture(scope="module")
+def server(redis_server, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One gunicorn for this module (starting one takes a couple of seconds)."""
+    redis_url = redis_server.url
+    redis.Redis.from_url(redis_url).flushall()
     port = free_port()
-    metrics_dir = tmp_path / "prom"
-    metrics_dir.mkdir()
+    metrics_dir = tmp_path_factory.mktemp("prom")
     (metrics_dir / "stale_counter_1.db").write_bytes(b"old")  # must be wiped at start
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-c", LAUNCH, redis_url, str(model_dir), str(port)], cwd=ROOT,
@@ -74,17 +76,30 @@ def _pop(r: redis.Redis) -> GenerationJob:
     return GenerationJob.from_dict(found[0].args[0])
 
 
-def test_gunicorn_end_to_end(server: str, redis_url: str) -> None:
-    r = redis.Redis.from_url(redis_url)
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _scrape(server: str) -> str:
+    return requests.get(server + "/metrics", headers={"Connection": "close"}, timeout=5).text
+
+
+def test_gunicorn_end_to_end(server: str, redis_server) -> None:
+    r = redis.Redis.from_url(redis_server.url)
     # metrics from both worker processes are merged at every scrape
+    before = _scrape(server)
     for _ in range(12):
         resp = requests.post(server + "/generate", json={"inputs": "hello", "parameters": {"top_k": 0}},
                              headers={"Connection": "close"}, timeout=5)
         assert resp.status_code == 422
     for _ in range(4):
-        text = requests.get(server + "/metrics", headers={"Connection": "close"}, timeout=5).text
-        assert "tgi_request_count 12\n" in text
-        assert 'tgi_request_failure{err="validation"} 12\n' in text
+        text = _scrape(server)
+        assert _metric(text, "tgi_request_count") - _metric(before, "tgi_request_count") == 12
+        failures = 'tgi_request_failure{err="validation"}'
+        assert _metric(text, failures) - _metric(before, failures) == 12
 
     # a stream over real HTTP: headers arrive before any token, events are framed as TGI's
     with requests.post(server + "/generate_stream", json={"inputs": "hello", "parameters": {"details": True}},
@@ -108,8 +123,53 @@ def test_gunicorn_end_to_end(server: str, redis_url: str) -> None:
     while not r.exists(protocol.cancel_key(job.request_id)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert r.exists(protocol.cancel_key(job.request_id))
-    text = requests.get(server + "/metrics", timeout=5).text
-    assert 'tgi_request_failure{err="dropped"} 1\n' in text
+    assert _metric(_scrape(server), 'tgi_request_failure{err="dropped"}') == 1
+
+
+def test_official_client(server: str, redis_server) -> None:
+    """text-generation (the TGI Python client) talks to tgq: compat route, list body, errors, streams."""
+    from text_generation import Client
+    from text_generation.errors import ValidationError as ClientValidationError
+
+    r = redis.Redis.from_url(redis_server.url)
+    client = Client(server, timeout=10)
+
+    def answer() -> None:
+        job = _pop(r)
+        assert job.want_tokens and job.want_prefill  # the client always asks for details
+        tokens = [tok(5, " a", -0.5), tok(6, " b", -0.25)]
+        r.publish(job.reply_to, protocol.encode_event(final_for(job, tokens, " a b", seed=2**63 + 1)))
+
+    worker = threading.Thread(target=answer, daemon=True)
+    worker.start()
+    out = client.generate("hello", max_new_tokens=2, do_sample=True)
+    worker.join(5)
+    assert out.generated_text == " a b"  # the client sends return_full_text=False
+    assert out.details.generated_tokens == 2 and out.details.seed == 2**63 + 1
+    assert [t.text for t in out.details.tokens] == [" a", " b"]
+
+    with pytest.raises(ClientValidationError, match="`top_k` must be strictly positive"):
+        requests_validation(server)
+
+    def answer_stream() -> None:
+        job = _pop(r)
+        r.publish(job.reply_to, protocol.encode_event(TokenEvent(job.request_id, 0, 0, tok(5, " a"))))
+        r.publish(job.reply_to, protocol.encode_event(final_for(job, [tok(5, " a"), tok(6, " b")], " a b")))
+
+    worker = threading.Thread(target=answer_stream, daemon=True)
+    worker.start()
+    events = list(client.generate_stream("hello", max_new_tokens=2))
+    worker.join(5)
+    assert [e.token.text for e in events] == [" a", " b"]
+    assert events[-1].generated_text == " a b" and events[-1].details.finish_reason == "length"
+
+
+def requests_validation(server: str) -> None:
+    """The client checks top_k itself; send the request raw and let the client map our error body."""
+    from text_generation.errors import parse_error
+
+    resp = requests.post(server + "/", json={"inputs": "hello", "parameters": {"top_k": -1}}, timeout=5)
+    raise parse_error(resp.status_code, resp.json())
 
 
 def _give_up(server: str) -> None:
