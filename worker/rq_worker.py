@@ -22,6 +22,7 @@ from typing import Any, Callable, TypeVar
 
 import redis
 from rq import Queue, SimpleWorker
+from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
@@ -127,8 +128,11 @@ class RedisJobs:
         self._maybe_reap()
         if self._stash:
             return
-        popped = Queue.dequeue_any([self.queue], max(1, int(timeout)), connection=self.redis,
-                                   serializer=JSONSerializer)
+        try:
+            popped = Queue.dequeue_any([self.queue], max(1, int(timeout)), connection=self.redis,
+                                       serializer=JSONSerializer)
+        except DequeueTimeout:
+            popped = None
         if popped is not None:
             self._stash.append(popped)
         else:
@@ -147,9 +151,6 @@ class RedisJobs:
                 self.worker.cleanup_execution(running.rq_job, pipeline=pipe, execution=running.execution)
                 pipe.execute()
             self.queue.enqueue_job(running.rq_job, at_front=True)
-        for rq_job, _ in self._stash:
-            self.queue.enqueue_job(rq_job, at_front=True)
-        self._stash.clear()
 
     def _take(self, rq_job: Job) -> GenerationJob | None:
         """Mark a dequeued job started and decode its payload; None if it must not run."""
@@ -258,4 +259,12 @@ class RedisJobs:
             pipe.execute()
 
     def close(self) -> None:
-        self.redis.delete(self._batch_key)
+        """On exit: a job popped by `wait` but never fetched goes back to the head of the queue."""
+        def requeue_stash() -> None:
+            while self._stash:
+                rq_job, _ = self._stash.pop()
+                self.redis.lrem(self.queue.intermediate_queue_key, 1, rq_job.id)
+                self.queue.enqueue_job(rq_job, at_front=True)
+            self.redis.delete(self._batch_key)
+
+        retry_redis(requeue_stash, "close")

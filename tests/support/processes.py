@@ -30,7 +30,8 @@ class TgqProcess:
         return self.proc.poll() is None
 
     def output(self) -> str:
-        self._log_file.flush()
+        if not self._log_file.closed:
+            self._log_file.flush()
         return self.log.read_text(errors="replace")
 
     def send(self, sig: int) -> None:
