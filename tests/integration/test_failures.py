@@ -77,3 +77,35 @@ def test_stream_client_disconnect_cancels_the_job(stack):
     assert json.loads(first[5:])["token"]
     metrics = requests.get(stack.url + "/metrics", timeout=10).text
     assert 'tgi_request_failure_total{err="dropped"}' in metrics or 'tgi_request_failure{err="dropped"}' in metrics
+
+
+def test_redis_outage_gives_503_and_everything_recovers(tiny_model_dir):
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer().start()
+    stack = make_stack(server.url, tiny_model_dir)
+    try:
+        body = {"inputs": "outage", "parameters": {"max_new_tokens": 4}}
+        assert requests.post(stack.url + "/generate", json=body, timeout=30).status_code == 200
+        server.stop()
+        started = time.monotonic()
+        resp = requests.post(stack.url + "/generate", json=body, timeout=30)
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["error_type"] == "unavailable"
+        assert requests.get(stack.url + "/health", timeout=30).status_code == 503
+        # Known before the stream starts, so a plain 503 (the official client raises on it).
+        resp = requests.post(stack.url + "/generate_stream", json=body, timeout=30)
+        assert resp.status_code == 503 and resp.json()["error_type"] == "unavailable"
+        assert time.monotonic() - started < 20
+        server.start()  # same port, empty data
+        deadline = time.monotonic() + 60
+        while True:
+            resp = requests.post(stack.url + "/generate", json=body, timeout=30)
+            if resp.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert resp.status_code == 200, resp.text
+        assert all(w.alive() for w in stack.workers)
+    finally:
+        stack.stop()
+        server.cleanup()
