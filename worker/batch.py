@@ -142,27 +142,34 @@ class Batch:
             self.seen[torch.arange(len(self.rows), device=self.device), ids] = True
 
     def filter(self, keep: Sequence[int]) -> None:
-        """Keep only rows `keep` (indices, in order) and drop padding columns no remaining row needs."""
-        if list(keep) == list(range(len(self.rows))):
+        """Keep only rows `keep` (order not preserved) and drop padding columns no remaining row needs."""
+        n, kept = len(self.rows), set(keep)
+        if len(kept) == n:
             return
-        index = torch.tensor(list(keep), dtype=torch.long, device=self.device)
+        # Departed rows' slots below the new size are refilled from the tail: only those rows move.
+        size = len(kept)
+        holes = [i for i in range(size) if i not in kept]
+        movers = [i for i in range(size, n) if i in kept]
+        order = list(range(size))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        index = torch.tensor(order, dtype=torch.long, device=self.device)
         mask = self.mask[index]
         used = mask.any(dim=0)
         drop = int(used.long().argmax()) if bool(used.any()) else mask.shape[1]
-        self.cache.select(index, drop)
+        self.cache.compact(holes, movers, size, drop)
         self.mask = mask[:, drop:]
         self.next_pos = self.next_pos[index]
         self.last_ids = self.last_ids[index]
         if self.seen is not None:
             self.seen = self.seen[index]
-        self.rows = [self.rows[i] for i in keep]
+        self.rows = [self.rows[i] for i in order]
         self._refresh()
 
     def concatenate(self, other: Batch) -> None:
         """Append `other`'s rows (e.g. just prefilled), left-padding the shorter side's columns."""
-        la, lb = self.mask.shape[1], other.mask.shape[1]
-        length = max(la, lb)
-        self.cache = self.cache.merged(other.cache)
+        length = max(self.mask.shape[1], other.mask.shape[1])
+        self.cache.absorb(other.cache)
         self.mask = torch.cat([_left_pad(self.mask, length), _left_pad(other.mask, length)], dim=0)
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
         self.last_ids = torch.cat([self.last_ids, other.last_ids])

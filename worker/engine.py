@@ -72,6 +72,7 @@ class Engine:
 
     # ---- one step -------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> bool:
         """Admit, prefill, decode once, publish the step's events, retire rows. True if any work is held."""
         events: list[Event] = []
@@ -153,7 +154,7 @@ class Engine:
         device = self.loaded.device
         inputs = prefill_inputs([r.ids for r in rows], device)
         want_prefill = any(r.job.want_prefill for r in rows)
-        cache = SlotCache(self._num_layers)
+        cache = SlotCache(self._num_layers, max_rows=self.settings.max_batch_size)
         out = forward(self.loaded, inputs.input_ids, inputs.attention, inputs.position_ids, cache,
                       logits_to_keep=0 if want_prefill else 1)
         if want_prefill:

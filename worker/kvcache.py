@@ -1,4 +1,10 @@
-"""A KV cache with preallocated room to grow, so a decode step writes one column instead of re-concatenating."""
+"""A KV cache laid out for continuous batching: appends write one column, leaving rows move only the rows
+that fill their slots, and newcomers are written into free slots instead of rebuilding the batch.
+
+Each layer keeps keys/values in buffers [row capacity, H, column capacity, D]; live rows are [0, n)
+and live columns [start, end). Columns left of a row's own tokens are padding hidden by the attention
+mask, so whatever finite values they hold (zeros, or a departed row's keys) never matter.
+"""
 from __future__ import annotations
 
 import torch
@@ -8,55 +14,41 @@ RESERVE = 32  # spare columns allocated past the live window
 
 
 class SlotLayer(DynamicLayer):
-    """One layer's keys/values in buffers [B, H, capacity, D]; the live window is columns [start, end)."""
+    """One decoder layer's keys and values (see the module docstring for the layout)."""
 
-    def __init__(self, reserve: int = RESERVE) -> None:
+    def __init__(self, reserve: int = RESERVE, max_rows: int = 0) -> None:
         super().__init__()
         self.reserve = reserve
-        self.kbuf: torch.Tensor | None = None
-        self.vbuf: torch.Tensor | None = None
+        self.max_rows = max_rows  # a hint for row-capacity growth (0: grow to what is needed)
+        self.kbuf = torch.empty(0)
+        self.vbuf = torch.empty(0)
+        self.rows = 0
         self.start = 0
         self.end = 0
+
+    # ---- what the model calls ---------------------------------------------------------------------
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.is_initialized = True
 
-    def _set(self, kbuf: torch.Tensor, vbuf: torch.Tensor, start: int, end: int) -> None:
-        self.kbuf, self.vbuf, self.start, self.end = kbuf, vbuf, start, end
-        self.keys = kbuf[:, :, start:end]
-        self.values = vbuf[:, :, start:end]
-        self.is_initialized = True
-        self.device = kbuf.device
-
-    def _fresh(self, like: torch.Tensor, batch: int, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (batch, like.shape[1], columns, like.shape[3])
-        return (torch.zeros(shape, dtype=like.dtype, device=like.device),
-                torch.zeros(shape, dtype=like.dtype, device=like.device))
-
+    @torch.inference_mode()
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append q new columns (allocating or growing when full) and return the live window."""
+        """Append q new columns for the live rows and return the live window."""
         q = key_states.shape[-2]
-        if self.kbuf is None:
-            k, v = self._fresh(key_states, key_states.shape[0], q + self.reserve)
-            self._set(k, v, 0, 0)
+        if not self.is_initialized:
+            rows = key_states.shape[0]
+            self._reallocate(key_states, rows, q + self.reserve)
+            self.rows, self.start, self.end = rows, 0, 0
+            self.is_initialized = True
         elif self.end + q > self.kbuf.shape[2]:
-            self._grow(q)
-        assert self.kbuf is not None and self.vbuf is not None
-        self.kbuf[:, :, self.end:self.end + q] = key_states
-        self.vbuf[:, :, self.end:self.end + q] = value_states
-        self._set(self.kbuf, self.vbuf, self.start, self.end + q)
+            self._make_room(q)
+        self.kbuf[:self.rows, :, self.end:self.end + q] = key_states
+        self.vbuf[:self.rows, :, self.end:self.end + q] = value_states
+        self.end += q
+        self._refresh()
         return self.keys, self.values
-
-    def _grow(self, q: int) -> None:
-        """Move the window to the front of a bigger buffer (amortised: grows by a quarter at least)."""
-        assert self.kbuf is not None and self.vbuf is not None
-        length = self.end - self.start
-        k, v = self._fresh(self.kbuf, self.kbuf.shape[0], length + q + max(self.reserve, length // 4))
-        k[:, :, :length] = self.kbuf[:, :, self.start:self.end]
-        v[:, :, :length] = self.vbuf[:, :, self.start:self.end]
-        self._set(k, v, 0, length)
 
     def get_seq_length(self) -> int:
         return self.end - self.start
@@ -64,38 +56,81 @@ class SlotLayer(DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
-    def select(self, indices: torch.Tensor, drop_front: int) -> None:
-        """Keep rows `indices` and drop the first `drop_front` columns (padding nobody needs any more)."""
-        assert self.kbuf is not None and self.vbuf is not None
-        start = self.start + drop_front
-        length = self.end - start
-        k, v = self._fresh(self.kbuf, int(indices.numel()), length + self.reserve)
-        k[:, :, :length] = self.kbuf[indices, :, start:self.end]
-        v[:, :, :length] = self.vbuf[indices, :, start:self.end]
-        self._set(k, v, 0, length)
+    # ---- buffer management ------------------------------------------------------------------------
 
-    def merged(self, other: SlotLayer) -> SlotLayer:
-        """A new layer with this layer's rows then `other`'s, both right-aligned (left padding)."""
-        assert self.kbuf is not None and other.kbuf is not None
-        assert self.vbuf is not None and other.vbuf is not None
-        la, lb = self.get_seq_length(), other.get_seq_length()
+    def _refresh(self) -> None:
+        self.keys = self.kbuf[:self.rows, :, self.start:self.end]
+        self.values = self.vbuf[:self.rows, :, self.start:self.end]
+
+    def _reallocate(self, like: torch.Tensor, rows: int, columns: int) -> None:
+        """Fresh zeroed buffers; the caller copies whatever must survive."""
+        shape = (rows, like.shape[1], columns, like.shape[3])
+        self.kbuf = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.vbuf = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.device = like.device
+
+    def _resize(self, rows: int, columns: int, offset: int = 0) -> None:
+        """Move the live rows/window into new buffers (window starting at column `offset`)."""
+        old_k, old_v = self.kbuf, self.vbuf
+        length = self.end - self.start
+        self._reallocate(old_k, rows, columns)
+        self.kbuf[:self.rows, :, offset:offset + length] = old_k[:self.rows, :, self.start:self.end]
+        self.vbuf[:self.rows, :, offset:offset + length] = old_v[:self.rows, :, self.start:self.end]
+        self.start, self.end = offset, offset + length
+
+    def _make_room(self, q: int) -> None:
+        """Grow the column capacity (amortised: by a quarter of the window at least)."""
+        length = self.end - self.start
+        self._resize(self.kbuf.shape[0], length + q + max(self.reserve, length // 4))
+
+    @torch.inference_mode()
+    def compact(self, holes: list[int], movers: list[int], rows: int, drop_front: int) -> None:
+        """Rows `movers` move into slots `holes`; `rows` stay live; the first `drop_front` columns go."""
+        self.start += drop_front
+        if holes:
+            src = torch.tensor(movers, device=self.kbuf.device)
+            dst = torch.tensor(holes, device=self.kbuf.device)
+            self.kbuf[dst, :, self.start:self.end] = self.kbuf[src, :, self.start:self.end]
+            self.vbuf[dst, :, self.start:self.end] = self.vbuf[src, :, self.start:self.end]
+        self.rows = rows
+        length = self.end - self.start
+        capacity = self.kbuf.shape[0]
+        if rows and (rows * 4 <= capacity or length * 4 + 4 * self.reserve <= self.kbuf.shape[2]):
+            # Mostly empty: give the memory back rather than hold a peak-sized batch forever.
+            self._resize(max(rows, 1), length + self.reserve)
+        self._refresh()
+
+    @torch.inference_mode()
+    def absorb(self, other: SlotLayer) -> None:
+        """Append `other`'s live rows, right-aligned with ours (the shorter side is left-padded)."""
+        la, lb = self.end - self.start, other.end - other.start
         length = max(la, lb)
-        ba, bb = self.kbuf.shape[0], other.kbuf.shape[0]
-        k, v = self._fresh(self.kbuf, ba + bb, length + self.reserve)
-        k[:ba, :, length - la:length] = self.keys
-        v[:ba, :, length - la:length] = self.values
-        k[ba:, :, length - lb:length] = other.keys
-        v[ba:, :, length - lb:length] = other.values
-        out = SlotLayer(self.reserve)
-        out._set(k, v, 0, length)
-        return out
+        needed_rows = self.rows + other.rows
+        capacity = self.kbuf.shape[0]
+        if needed_rows > capacity or self.end - length < 0:
+            grown = min(2 * capacity, self.max_rows) if self.max_rows else needed_rows
+            self._resize(max(grown, needed_rows), length + self.reserve, offset=length - la)
+        elif la < length:
+            # Our rows gain padding columns on the left: clear what a departed row may have left there.
+            self.kbuf[:self.rows, :, self.end - length:self.start] = 0
+            self.vbuf[:self.rows, :, self.end - length:self.start] = 0
+        self.start = self.end - length
+        rows = slice(self.rows, needed_rows)
+        self.kbuf[rows, :, self.end - lb:self.end] = other.keys
+        self.vbuf[rows, :, self.end - lb:self.end] = other.values
+        if lb < length:
+            # The newcomers' padding columns may hold a departed row's keys: masked, but cleared anyway.
+            self.kbuf[rows, :, self.start:self.end - lb] = 0
+            self.vbuf[rows, :, self.start:self.end - lb] = 0
+        self.rows = needed_rows
+        self._refresh()
 
 
 class SlotCache(Cache):
-    """The model-facing cache: one SlotLayer per decoder layer, all with the same window."""
+    """The model-facing cache: one SlotLayer per decoder layer, all with the same rows and window."""
 
-    def __init__(self, num_layers: int, reserve: int = RESERVE) -> None:
-        super().__init__(layers=[SlotLayer(reserve) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, reserve: int = RESERVE, max_rows: int = 0) -> None:
+        super().__init__(layers=[SlotLayer(reserve, max_rows) for _ in range(num_layers)])
 
     @property
     def slot_layers(self) -> list[SlotLayer]:
@@ -104,11 +139,10 @@ class SlotCache(Cache):
     def length(self) -> int:
         return self.slot_layers[0].get_seq_length() if self.layers else 0
 
-    def select(self, indices: torch.Tensor, drop_front: int = 0) -> None:
+    def compact(self, holes: list[int], movers: list[int], rows: int, drop_front: int = 0) -> None:
         for layer in self.slot_layers:
-            layer.select(indices, drop_front)
+            layer.compact(holes, movers, rows, drop_front)
 
-    def merged(self, other: SlotCache) -> SlotCache:
-        out = SlotCache(0)
-        out.layers = [a.merged(b) for a, b in zip(self.slot_layers, other.slot_layers)]
-        return out
+    def absorb(self, other: SlotCache) -> None:
+        for mine, theirs in zip(self.slot_layers, other.slot_layers):
+            mine.absorb(theirs)

@@ -91,18 +91,53 @@ def test_seen_mask_tracks_context_for_repetition_penalty(tiny_loaded):
 
 
 @pytest.mark.parametrize("reserve", [0, 4])
-def test_slot_cache_select_and_merge_shapes(reserve):
+def test_slot_layer_compact_and_absorb(reserve):
     from worker.kvcache import SlotLayer
 
+    def kv(rows, cols, base):
+        return torch.arange(base, base + rows * cols * 2, dtype=torch.float32).view(rows, 1, cols, 2)
+
     layer = SlotLayer(reserve)
-    k = torch.arange(2 * 1 * 3 * 2, dtype=torch.float32).view(2, 1, 3, 2)
+    k = kv(3, 3, 0)
     keys, _ = layer.update(k, k)
     assert torch.equal(keys, k)
-    layer.select(torch.tensor([1]), drop_front=1)
-    assert torch.equal(layer.keys, k[1:, :, 1:])
+    # Row 0 leaves: row 2 moves into its slot; the first column is dropped.
+    layer.compact(holes=[0], movers=[2], rows=2, drop_front=1)
+    assert torch.equal(layer.keys, k[[2, 1], :, 1:])
+    # A newcomer with a longer window: ours get left padding (zeros), its keys right-aligned.
     other = SlotLayer(reserve)
-    other.update(k[:1, :, :1], k[:1, :, :1])
-    merged = layer.merged(other)
-    assert merged.keys.shape == (2, 1, 2, 2)
-    assert torch.equal(merged.keys[1, :, 1], k[0, :, 0])
-    assert torch.equal(merged.keys[1, :, 0], torch.zeros(1, 2))
+    n = kv(1, 4, 100)
+    other.update(n, n)
+    layer.absorb(other)
+    assert layer.keys.shape == (3, 1, 4, 2)
+    assert torch.equal(layer.keys[2], n[0])
+    assert torch.equal(layer.keys[:2, :, 2:], k[[2, 1], :, 1:])
+    assert torch.equal(layer.keys[:2, :, :2], torch.zeros(2, 1, 2, 2))
+    # Appending a decode column keeps everything else in place.
+    col = kv(3, 1, 500)
+    keys, _ = layer.update(col, col)
+    assert torch.equal(keys[:, :, -1], col[:, :, 0])
+    assert torch.equal(keys[2, :, :4], n[0])
+
+
+def test_random_joins_and_leaves_match_independent_greedy(tiny_loaded):
+    loaded = tiny_loaded
+    gen = torch.Generator().manual_seed(7)
+    prompts = {f"p{i}": torch.randint(20, 40000, (int(torch.randint(1, 20, (1,), generator=gen)),),
+                                      generator=gen).tolist() for i in range(8)}
+    PROMPTS.update(prompts)
+    names = list(prompts)
+    batch, produced = prefill(loaded, names[:2])
+    pending = names[2:]
+    for step in range(12):
+        decode(loaded, batch, produced, 1)
+        if step % 3 == 1 and pending:
+            newcomers, more = prefill(loaded, pending[:2])
+            pending = pending[2:]
+            produced.update(more)
+            batch.concatenate(newcomers)
+        if step % 4 == 2 and len(batch) > 1:
+            batch.filter([i for i in range(len(batch)) if i != step % len(batch)])
+        assert batch.mask.shape[1] == batch.cache.length()
+    for key, tokens in produced.items():
+        assert tokens == reference_greedy(loaded, PROMPTS[key], len(tokens)), key
