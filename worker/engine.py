@@ -20,7 +20,7 @@ from .kvcache import SlotCache
 from .metrics import EngineMetrics
 from .model import LoadedModel, forward
 from .sampling import choose, make_generator
-from .scheduler import Budget, Entry, Scheduler
+from .scheduler import Budget, Entry, Scheduler, prefill_groups
 from .watermark import Watermark
 
 log = logging.getLogger(__name__)
@@ -130,9 +130,13 @@ class Engine:
     # ---- prefill and decode ---------------------------------------------------------------------
 
     def _prefill(self, jobs: list[GenerationJob], events: list[Event], leaving: Leaving) -> None:
-        """Prefill newcomers as their own batch, emit their first tokens, then merge the survivors."""
+        """Prefill newcomers (in groups of similar length), emit their first tokens, merge the survivors."""
         self.metrics.observe_next_size(len(jobs))
         rows = new_rows(jobs, self.loaded.eos_token_id, self._decode, make_generator, time.time())
+        for group in prefill_groups([r.prompt_len for r in rows]):
+            self._prefill_group([rows[i] for i in group], events, leaving)
+
+    def _prefill_group(self, rows: list[Row], events: list[Event], leaving: Leaving) -> None:
         t0 = time.perf_counter()
         try:
             newcomers = self._run_prefill(rows, events)

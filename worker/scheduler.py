@@ -129,3 +129,25 @@ class Scheduler(Generic[T]):
                 chosen.append(e)
             break
         return chosen
+
+
+def prefill_groups(lengths: list[int], max_waste: float = 0.25) -> list[list[int]]:
+    """Split one admission into forwards of similar prompt lengths (indices into `lengths`).
+
+    A padded prefill costs rows x longest prompt; on CPU that is compute, so a group only grows
+    while its padding stays under `max_waste` of its real tokens.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in order:
+        n = lengths[i]  # ascending: the newcomer is the group's longest
+        if current and (len(current) + 1) * n > (1 + max_waste) * (real + n):
+            groups.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += n
+    if current:
+        groups.append(current)
+    return groups

@@ -200,9 +200,10 @@ def test_forward_failure_fails_the_batch_and_the_loop_goes_on(tiny_loaded, monke
     calls = {"n": 0}
 
     def flaky(loaded, input_ids, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("boom")
+        if input_ids.shape[1] == 1:  # a decode step
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("boom")
         return real(loaded, input_ids, *args, **kwargs)
 
     monkeypatch.setattr(engine_module, "forward", flaky)
@@ -214,7 +215,7 @@ def test_forward_failure_fails_the_batch_and_the_loop_goes_on(tiny_loaded, monke
     assert isinstance(sink.result("c"), FinalEvent)
     inc = eng.metrics.take_increments()
     assert inc["inference_failure:decode"] == 1.0
-    assert inc["inference_count:prefill"] == 2.0
+    assert inc["inference_success:prefill"] >= 2.0 and "inference_failure:prefill" not in inc
 
 
 def test_run_stops_admitting_and_gives_back_unfinished(tiny_loaded):

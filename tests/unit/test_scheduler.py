@@ -116,3 +116,17 @@ def test_room_counts_running_and_waiting():
     assert s.room() == 1
     assert keys(s.remove_waiting({2})) == [2]
     assert keys(s.take_waiting()) == []
+
+
+def test_prefill_groups_bound_padding_and_cover_everyone():
+    from worker.scheduler import prefill_groups
+
+    lengths = [16, 200, 20, 180, 18, 190]
+    groups = prefill_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    for g in groups:
+        real = sum(lengths[i] for i in g)
+        assert len(g) * max(lengths[i] for i in g) <= 1.25 * real or len(g) == 1
+    assert len(groups) == 2
+    assert prefill_groups([7]) == [[0]]
+    assert prefill_groups([5, 5, 5]) == [[0, 1, 2]]
