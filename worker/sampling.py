@@ -4,11 +4,11 @@ Order: watermark, repetition penalty, temperature, top-k, top-p, typical-p. The 
 log_softmax of the processed scores at the chosen id. Greedy rows take the argmax; sampling rows draw
 by inverse CDF with one uniform from their own seeded generator, so no row's draw depends on others.
 
-Top-p and typical-p never sort the whole vocabulary in the common case: they look at the best
-`candidates` ids (one partial top-k) and fall back to TGI's full sort only for rows whose kept set
-does not fit in them, so the kept sets are those of the full computation. Remaining differences are
-float rounding at the exact boundary and tie-breaking between equal scores (HF's sort keeps an
-arbitrary subset of ties at the cut-off, this keeps all of them).
+Rows with top-k or top-p never touch the full vocabulary after one partial top-k: their support lies
+in their best `candidates` ids (or top_k, if larger), where every later warper and the draw run
+exactly. A top-p row whose nucleus does not fit in them, and typical-p-only rows, take the dense path
+(`warpers.py`, which sorts the full vocabulary only when its own candidates do not suffice). Whether a
+row takes which path depends on that row alone, so its draws never depend on its neighbours.
 """
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ import torch
 
 from common.schemas import SamplingParams
 
+from .warpers import CANDIDATES, NEG_INF, repetition_penalty, top_k_filter, top_p_filter, typical_filter
 from .watermark import Watermark
 
-CANDIDATES = 256
-NEG_INF = float("-inf")
 U32 = 0xFFFF_FFFF
 
 
@@ -55,6 +54,7 @@ class SamplingBatch:
     top_p_rows: list[int]
     typical_rows: list[int]
     sample_rows: list[int]
+    candidate_rows: list[int]  # rows with top-k or top-p: warped and drawn among candidates
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
@@ -72,98 +72,12 @@ class SamplingBatch:
             top_p_rows=[i for i in rows if params[i].top_p < 1.0],
             typical_rows=[i for i in rows if params[i].typical_p < 1.0],
             sample_rows=[i for i in rows if params[i].sampling],
+            candidate_rows=[i for i in rows if params[i].top_k != 0 or params[i].top_p < 1.0],
         )
 
     @property
     def needs_seen(self) -> bool:
         return bool(self.penalty_rows)
-
-
-def repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    """HF rule over every id seen (prompt + generated): positive scores / penalty, negative * penalty."""
-    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return torch.where(seen, penalised, scores)
-
-
-def top_k_filter(scores: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
-    """HF TopKLogitsWarper per row (k = 0: off): drop scores below each row's k-th best."""
-    vocab = scores.shape[-1]
-    ks = [min(max(int(k), 1), vocab) if k > 0 else 0 for k in top_k]
-    if not any(ks):
-        return scores
-    values = torch.topk(scores, max(ks), dim=-1).values
-    index = torch.tensor([max(k - 1, 0) for k in ks], device=scores.device)[:, None]
-    kth = values.gather(1, index)
-    off = torch.tensor([k == 0 for k in ks], device=scores.device)[:, None]
-    kth = kth.masked_fill(off, NEG_INF)
-    return scores.masked_fill(scores < kth, NEG_INF)
-
-
-def _top_p_full(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """HF TopPLogitsWarper exactly: ascending sort, drop ids whose cumulative mass is <= 1 - p."""
-    sorted_logits, sorted_idx = torch.sort(scores, descending=False)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= (1 - top_p)
-    remove[..., -1:] = False
-    return scores.masked_fill(remove.scatter(1, sorted_idx, remove), NEG_INF)
-
-
-def top_p_filter(scores: torch.Tensor, top_p: Sequence[float], candidates: int = CANDIDATES) -> torch.Tensor:
-    """Nucleus filter per row (p >= 1: off) looking only at the best `candidates` ids when they suffice."""
-    vocab = scores.shape[-1]
-    p = torch.tensor([min(float(x), 1.0) for x in top_p], dtype=scores.dtype, device=scores.device)[:, None]
-    width = min(candidates, vocab)
-    values = torch.topk(scores, width, dim=-1).values  # best first
-    probs = torch.exp(values - torch.logsumexp(scores, dim=-1, keepdim=True))
-    cumulative = probs.cumsum(dim=-1)
-    # Descending view of HF's rule: the id at rank m stays iff the mass strictly above it is < p.
-    keep = (cumulative - probs) < p
-    kept = keep.sum(dim=-1, keepdim=True).clamp(min=1)
-    threshold = values.gather(1, kept - 1).masked_fill(p >= 1.0, NEG_INF)
-    out = scores.masked_fill(scores < threshold, NEG_INF)
-    if width < vocab:
-        # Rows whose candidates hold less than p of the mass keep ids beyond them: sort those fully.
-        spill = ((cumulative[:, -1:] < p) & (p < 1.0)).squeeze(1)
-        if bool(spill.any()):
-            rows = spill.nonzero().squeeze(1)
-            out[rows] = _top_p_full(scores[rows], p[rows])
-    return out
-
-
-def _typical_full(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """HF TypicalLogitsWarper exactly (full sort by distance to the entropy)."""
-    logp = torch.log_softmax(scores, dim=-1)
-    p = logp.exp()
-    entropy = -(logp * p).nansum(-1, keepdim=True)
-    shifted = (-logp - entropy).abs()
-    sorted_shift, sorted_idx = torch.sort(shifted, descending=False)
-    cumulative = scores.gather(-1, sorted_idx).softmax(dim=-1).cumsum(dim=-1)
-    last = (cumulative < mass).sum(dim=1).clamp(max=scores.shape[-1] - 1)
-    remove = sorted_shift > sorted_shift.gather(1, last.view(-1, 1))
-    remove[..., :1] = False
-    return scores.masked_fill(remove.scatter(1, sorted_idx, remove), NEG_INF)
-
-
-def typical_filter(scores: torch.Tensor, typical_p: Sequence[float], candidates: int = CANDIDATES) -> torch.Tensor:
-    """Typical-p filter per row (mass >= 1: off) with a partial sort of the `candidates` most typical ids."""
-    vocab = scores.shape[-1]
-    mass = torch.tensor([float(x) for x in typical_p], dtype=scores.dtype, device=scores.device)[:, None]
-    logp = torch.log_softmax(scores, dim=-1)
-    p = logp.exp()
-    entropy = -(logp * p).nansum(-1, keepdim=True)
-    shifted = (-logp - entropy).abs()
-    width = min(candidates, vocab)
-    neg_shift, idx = torch.topk(-shifted, width, dim=-1)  # most typical first
-    cumulative = p.gather(1, idx).cumsum(dim=-1)
-    last = (cumulative < mass).sum(dim=1, keepdim=True)
-    spill = (last >= width).squeeze(1) & (mass < 1.0).squeeze(1)
-    threshold = (-neg_shift).gather(1, last.clamp(max=width - 1))
-    threshold = threshold.masked_fill(mass >= 1.0, float("inf"))
-    out = scores.masked_fill(shifted > threshold, NEG_INF)
-    if width < vocab and bool(spill.any()):
-        rows = spill.nonzero().squeeze(1)
-        out[rows] = _typical_full(scores[rows], mass[rows])
-    return out
 
 
 def _on_rows(scores: torch.Tensor, rows: list[int], fn, *args) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -175,50 +89,183 @@ def _on_rows(scores: torch.Tensor, rows: list[int], fn, *args) -> torch.Tensor: 
     return scores
 
 
-def process(scores: torch.Tensor, sb: SamplingBatch, seen: torch.Tensor | None,
-            prev_ids: Sequence[int], watermark: Watermark | None,
-            candidates: int = CANDIDATES) -> torch.Tensor:
-    """Run TGI's processors on fp32 `scores` [B, V] (may modify it in place); returns processed scores."""
+def pre_process(scores: torch.Tensor, sb: SamplingBatch, seen: torch.Tensor | None,
+                prev_ids: Sequence[int], watermark: Watermark | None) -> torch.Tensor:
+    """The stages that may apply to greedy rows too: watermark, then repetition penalty."""
     if sb.watermark_rows and watermark is not None:
         scores = watermark.apply(scores, sb.watermark_rows, [prev_ids[i] for i in sb.watermark_rows])
     if sb.penalty_rows and seen is not None:
-        scores = repetition_penalty(scores, seen, sb.penalty)  # penalty 1.0 rows: x/1 == x exactly
-    if sb.temperature_rows:
-        scores = scores / sb.temperature
-    params = sb.params
-    if sb.top_k_rows:
-        scores = _on_rows(scores, sb.top_k_rows, top_k_filter, [params[i].top_k for i in sb.top_k_rows])
-    if sb.top_p_rows:
-        scores = _on_rows(scores, sb.top_p_rows, top_p_filter,
-                          [params[i].top_p for i in sb.top_p_rows], candidates)
-    if sb.typical_rows:
-        scores = _on_rows(scores, sb.typical_rows, typical_filter,
-                          [params[i].typical_p for i in sb.typical_rows], candidates)
+        rows = sb.penalty_rows
+        if len(rows) == scores.shape[0]:
+            return repetition_penalty(scores, seen, sb.penalty)
+        index = torch.tensor(rows, dtype=torch.long, device=scores.device)
+        scores[index] = repetition_penalty(scores[index], seen[index], sb.penalty[index])
     return scores
 
 
-def sample(scores: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """Draw one id per row from softmax(scores) by inverse CDF, one uniform per row from its generator."""
-    probs = torch.softmax(scores, dim=-1)
-    cdf = probs.cumsum(dim=-1)
-    u = torch.tensor([torch.rand((), generator=g, dtype=torch.float64).item() for g in generators],
-                     dtype=cdf.dtype, device=cdf.device)[:, None]
-    # First id whose cumulative mass exceeds u * total: always an id with non-zero probability.
-    ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-    return ids.clamp(max=scores.shape[-1] - 1).squeeze(1)
+def warp_dense(scores: torch.Tensor, params: Sequence[SamplingParams], temperature: torch.Tensor,
+               candidates: int = CANDIDATES) -> torch.Tensor:
+    """Temperature, top-k, top-p, typical-p on dense rows (the reference path)."""
+    rows = range(len(params))
+    if any(p.temperature != 1.0 for p in params):
+        scores = scores / temperature
+    top_k = [i for i in rows if params[i].top_k != 0]
+    if top_k:
+        scores = _on_rows(scores, top_k, top_k_filter, [params[i].top_k for i in top_k])
+    top_p = [i for i in rows if params[i].top_p < 1.0]
+    if top_p:
+        scores = _on_rows(scores, top_p, top_p_filter, [params[i].top_p for i in top_p], candidates)
+    typical = [i for i in rows if params[i].typical_p < 1.0]
+    if typical:
+        scores = _on_rows(scores, typical, typical_filter, [params[i].typical_p for i in typical], candidates)
+    return scores
+
+
+def process(scores: torch.Tensor, sb: SamplingBatch, seen: torch.Tensor | None,
+            prev_ids: Sequence[int], watermark: Watermark | None,
+            candidates: int = CANDIDATES) -> torch.Tensor:
+    """All of TGI's processors on dense fp32 `scores` [B, V] (may modify it in place)."""
+    scores = pre_process(scores, sb, seen, prev_ids, watermark)
+    return warp_dense(scores, sb.params, sb.temperature, candidates)
+
+
+@dataclass
+class Candidates:
+    """Warped scores of some rows restricted to their best ids: values [n, C] (-inf = removed), ids [n, C]."""
+    values: torch.Tensor
+    ids: torch.Tensor
+    spill: list[bool]  # rows whose top-p nucleus does not fit: their values are meaningless
+
+    def dense(self, vocab: int) -> torch.Tensor:
+        """The same scores over the whole vocabulary (tests compare this with the dense path)."""
+        out = torch.full((self.values.shape[0], vocab), NEG_INF, dtype=self.values.dtype,
+                         device=self.values.device)
+        return out.scatter(1, self.ids, self.values)
+
+
+def warp_candidates(scores: torch.Tensor, params: Sequence[SamplingParams], temperature: torch.Tensor,
+                    candidates: int = CANDIDATES) -> Candidates:
+    """Temperature, top-k, top-p, typical-p for rows that all have top-k or top-p, among candidates."""
+    vocab = scores.shape[-1]
+    dev = scores.device
+    ks = [min(p.top_k, vocab) for p in params]
+    widths = [min(vocab, max(candidates, k)) for k in ks]
+    values, ids = torch.topk(scores, max(widths), dim=-1)  # temperature > 0 keeps this order
+    values = values / temperature
+    col = torch.arange(values.shape[1], device=dev)[None, :]
+    # Each row sees only its own width (top_k, or `candidates`): its result cannot depend on neighbours.
+    limit = torch.tensor([k if k > 0 else w for k, w in zip(ks, widths)], device=dev)[:, None]
+    values = values.masked_fill(col >= limit, NEG_INF)
+    has_k = torch.tensor([k > 0 for k in ks], device=dev)[:, None]
+    if bool(has_k.all()):
+        lse = torch.logsumexp(values, dim=-1, keepdim=True)
+    else:
+        # Without top-k the support is still the whole vocabulary: normalise over all of it.
+        full = torch.logsumexp(scores / temperature, dim=-1, keepdim=True)
+        lse = torch.where(has_k, torch.logsumexp(values, dim=-1, keepdim=True), full)
+    spill = [False] * len(params)
+    if any(p.top_p < 1.0 for p in params):
+        values, spill = _top_p_candidates(values, lse, params, ks, widths)
+    if any(p.typical_p < 1.0 for p in params):
+        values = _typical_candidates(values, params)
+    return Candidates(values=values, ids=ids, spill=spill)
+
+
+def _top_p_candidates(values: torch.Tensor, lse: torch.Tensor, params: Sequence[SamplingParams],
+                      ks: list[int], widths: list[int]) -> tuple[torch.Tensor, list[bool]]:
+    p = torch.tensor([min(x.top_p, 1.0) for x in params], dtype=values.dtype, device=values.device)[:, None]
+    probs = torch.exp(values - lse)
+    cumulative = probs.cumsum(dim=-1)
+    # HF's ascending rule seen from the top: rank m stays iff the mass strictly above it is < p.
+    kept = ((cumulative - probs) < p).sum(dim=-1, keepdim=True).clamp(min=1)
+    threshold = values.gather(1, kept - 1).masked_fill(p >= 1.0, NEG_INF)
+    values = values.masked_fill(values < threshold, NEG_INF)
+    edge = torch.tensor([w - 1 for w in widths], device=values.device)[:, None]
+    short = (cumulative.gather(1, edge) < p).squeeze(1).tolist()
+    spill = [bool(s) and x.top_p < 1.0 and k == 0 for s, x, k in zip(short, params, ks)]
+    return values, spill
+
+
+def _typical_candidates(values: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """HF's typical rule on a support that lies inside the candidates (ids outside have mass 0)."""
+    mass = torch.tensor([x.typical_p for x in params], dtype=values.dtype, device=values.device)[:, None]
+    logp = torch.log_softmax(values, dim=-1)
+    p = logp.exp()
+    entropy = -(logp * p).nansum(-1, keepdim=True)
+    shifted = (-logp - entropy).abs()
+    sorted_shift, order = torch.sort(shifted, dim=-1)
+    cumulative = p.gather(1, order).cumsum(dim=-1)
+    last = (cumulative < mass).sum(dim=1, keepdim=True).clamp(max=values.shape[1] - 1)
+    threshold = sorted_shift.gather(1, last).masked_fill(mass >= 1.0, float("inf"))
+    return values.masked_fill(shifted > threshold, NEG_INF)
+
+
+def _on_rows(scores: torch.Tensor, rows: list[int], fn, *args) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Apply a filter to a subset of rows only (the others keep their scores)."""
+    if len(rows) == scores.shape[0]:
+        return fn(scores, *args)
+    index = torch.tensor(rows, dtype=torch.long, device=scores.device)
+    scores[index] = fn(scores[index], *args)
+    return scores
+
+
+def _uniforms(generators: Sequence[torch.Generator | None], device: torch.device) -> torch.Tensor:
+    if any(g is None for g in generators):
+        raise ValueError("a sampling row has no generator")
+    return torch.tensor([torch.rand((), generator=g, dtype=torch.float64).item() for g in generators],
+                        dtype=torch.float32, device=device)[:, None]
+
+
+def sample(scores: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Column of one draw per row from softmax(scores) by inverse CDF (one uniform from each row's generator)."""
+    cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
+    u = _uniforms(generators, scores.device)
+    # First column whose cumulative mass exceeds u * total: always one with non-zero probability.
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=scores.shape[-1] - 1).squeeze(1)
+
+
+def _choose_dense(scores: torch.Tensor, sb: SamplingBatch, rows: list[int],
+                  candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    params = [sb.params[i] for i in rows]
+    index = torch.tensor(rows, dtype=torch.long, device=scores.device)
+    dense = scores if len(rows) == scores.shape[0] else scores[index]
+    dense = warp_dense(dense, params, sb.temperature[index], candidates)
+    ids = torch.argmax(dense, dim=-1)
+    sampled = [j for j, p in enumerate(params) if p.sampling]
+    if sampled:
+        pick = torch.tensor(sampled, dtype=torch.long, device=scores.device)
+        ids[pick] = sample(dense[pick], [sb.generators[rows[j]] for j in sampled])
+    # log_softmax + gather is about twice as fast on CPU as logsumexp over the same [n, V].
+    return ids, torch.log_softmax(dense, dim=-1).gather(1, ids[:, None]).squeeze(1)
 
 
 def choose(scores: torch.Tensor, sb: SamplingBatch, seen: torch.Tensor | None, prev_ids: Sequence[int],
            watermark: Watermark | None, candidates: int = CANDIDATES) -> tuple[torch.Tensor, torch.Tensor]:
     """Next id and its logprob (under the processed distribution) for every row of fp32 `scores` [B, V]."""
-    scores = process(scores, sb, seen, prev_ids, watermark, candidates)
-    ids = torch.argmax(scores, dim=-1)
-    if sb.sample_rows:
-        gens = [sb.generators[i] for i in sb.sample_rows]
-        if any(g is None for g in gens):
-            raise ValueError("a sampling row has no generator")
-        index = torch.tensor(sb.sample_rows, dtype=torch.long, device=scores.device)
-        ids[index] = sample(scores[index], gens)  # type: ignore[arg-type]
-    # log_softmax + gather is about twice as fast on CPU as logsumexp over the same [B, V].
-    logprobs = torch.log_softmax(scores, dim=-1).gather(1, ids[:, None]).squeeze(1)
+    scores = pre_process(scores, sb, seen, prev_ids, watermark)
+    batch = scores.shape[0]
+    ids = torch.zeros(batch, dtype=torch.long, device=scores.device)
+    logprobs = torch.zeros(batch, dtype=torch.float32, device=scores.device)
+    dense_rows = [i for i in range(batch) if i not in set(sb.candidate_rows)]
+    if sb.candidate_rows:
+        rows = sb.candidate_rows
+        index = torch.tensor(rows, dtype=torch.long, device=scores.device)
+        cand = warp_candidates(scores[index], [sb.params[i] for i in rows], sb.temperature[index], candidates)
+        fit = [j for j, spilled in enumerate(cand.spill) if not spilled]
+        dense_rows += [rows[j] for j, spilled in enumerate(cand.spill) if spilled]
+        if fit:
+            pick = torch.tensor(fit, dtype=torch.long, device=scores.device)
+            values = cand.values[pick]
+            column = sample(values, [sb.generators[rows[j]] for j in fit])
+            target = torch.tensor([rows[j] for j in fit], dtype=torch.long, device=scores.device)
+            ids[target] = cand.ids[pick].gather(1, column[:, None]).squeeze(1)
+            logprobs[target] = torch.log_softmax(values, dim=-1).gather(1, column[:, None]).squeeze(1)
+    if dense_rows:
+        dense_rows.sort()
+        d_ids, d_lps = _choose_dense(scores, sb, dense_rows, candidates)
+        if len(dense_rows) == batch:
+            return d_ids, d_lps
+        target = torch.tensor(dense_rows, dtype=torch.long, device=scores.device)
+        ids[target] = d_ids
+        logprobs[target] = d_lps
     return ids, logprobs

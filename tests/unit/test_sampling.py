@@ -5,8 +5,8 @@ import torch
 
 from common.schemas import SamplingParams
 from worker import sampling
-from worker.sampling import (SamplingBatch, choose, fold_seed, make_generator, process, repetition_penalty,
-                             top_k_filter, top_p_filter, typical_filter)
+from worker.sampling import SamplingBatch, choose, fold_seed, make_generator, process
+from worker.warpers import repetition_penalty, top_k_filter, top_p_filter, typical_filter
 from worker.watermark import Watermark
 
 NEG = float("-inf")
@@ -177,3 +177,55 @@ def test_seed_folding_keeps_high_bits_relevant():
 
 def test_candidates_default_is_small():
     assert sampling.CANDIDATES <= 1024
+
+
+CANDIDATE_CASES = [
+    SamplingParams(do_sample=True, top_k=5),
+    SamplingParams(top_k=40, temperature=0.7),
+    SamplingParams(top_p=0.9),
+    SamplingParams(top_p=0.3, temperature=1.5),
+    SamplingParams(top_k=50, top_p=0.95, typical_p=0.9),
+    SamplingParams(top_p=0.8, typical_p=0.5, temperature=0.8),
+    SamplingParams(top_k=300, top_p=0.999),
+    SamplingParams(top_p=0.99999),
+]
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0, 10.0])
+@pytest.mark.parametrize("candidates", [8, 64])
+def test_candidate_path_matches_dense_path(scale, candidates):
+    from worker.sampling import warp_candidates, warp_dense
+
+    params = CANDIDATE_CASES
+    scores = scores_for(9, rows=len(params), vocab=500, scale=scale)
+    temps = torch.tensor([[p.temperature] for p in params])
+    cand = warp_candidates(scores.clone(), params, temps, candidates)
+    dense = warp_dense(scores.clone(), params, temps, candidates)
+    for i, p in enumerate(params):
+        if cand.spill[i]:
+            assert p.top_k == 0  # only a top-p nucleus wider than the candidates spills
+            continue
+        same(cand.dense(500)[i], dense[i])
+
+
+def test_spill_goes_dense_and_every_draw_is_in_the_support():
+    vocab = 2000
+    flat = torch.zeros(2, vocab)  # a uniform distribution: a 0.5 nucleus needs 1000 ids
+    params = [SamplingParams(top_p=0.5, seed=1), SamplingParams(top_k=3, seed=2)]
+    flat[1, :3] = 5.0
+    sb = SamplingBatch.build(params, [make_generator(p.seed) for p in params], "cpu")
+    for _ in range(50):
+        ids, lps = choose(flat.clone(), sb, None, [0, 0], None, candidates=16)
+        assert int(ids[1]) < 3
+        assert abs(float(lps[1]) - float(torch.log(torch.tensor(1 / 3)))) < 1e-5
+        assert abs(float(lps[0]) - float(torch.log(torch.tensor(1 / 1000)))) < 1e-3
+
+
+def test_candidate_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([0.05, 0.15, 0.3, 0.5] + [1e-9] * 96))
+    params = [SamplingParams(top_k=3, seed=11), SamplingParams(top_p=0.4, seed=11)]
+    sb = SamplingBatch.build(params, [make_generator(p.seed) for p in params], "cpu")
+    draws = [choose(logits.repeat(2, 1), sb, None, [0, 0], None)[0].tolist() for _ in range(3000)]
+    k_counts = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=4)[:4].float() / 3000
+    assert torch.allclose(k_counts, torch.tensor([0.0, 0.15, 0.3, 0.5]) / 0.95, atol=0.03)
+    assert {d[1] for d in draws} == {3}  # the nucleus of 0.4 is the single top id
