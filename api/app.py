@@ -22,6 +22,7 @@ from . import docs, routes
 from .errors import register_error_handlers
 from .metrics import Metrics
 from .queue import JobQueue
+from .reaping import LeaseReaper
 from .replies import ReplyHub
 from .service import GenerationService
 from .state import TgqState
@@ -40,6 +41,7 @@ class AppConfig:
     metrics_dir: str | None = None  # PROMETHEUS_MULTIPROC_DIR under gunicorn; None: in-process metrics
     tokenizer_file: str | None = None  # tokenizer.json; None: found through common.model_files
     keepalive_s: float = 15.0  # SSE comment after this much silence (axum's KeepAlive default)
+    reap_every_s: float = 0.0  # sweep for dead workers' leases (api.reaping); 0: leave it to workers
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -68,6 +70,9 @@ def create_app(config: AppConfig, *, redis_client: redis.Redis | None = None) ->
         validator=Validator(config.limits, load_tokenizer(tok_path)),
         service=GenerationService(queue, hub, config.limits, api.request_timeout),
         metrics=Metrics(config.limits, config.metrics_dir), keepalive_s=config.keepalive_s)
+    if config.reap_every_s > 0:
+        state.reaper = LeaseReaper(queue.queue, config.reap_every_s)
+        state.reaper.start()
     app.extensions["tgq"] = state
 
     app.register_blueprint(routes.bp)

@@ -53,7 +53,10 @@ def _body() -> RawRequest:
 
 def _client_gone() -> bool:
     """True when the client closed its connection (socket readable, nothing to read)."""
-    sock = request.environ.get("gunicorn.socket")
+    return _socket_closed(request.environ.get("gunicorn.socket"))
+
+
+def _socket_closed(sock: socket.socket | None) -> bool:
     if sock is None:
         return False
     try:
@@ -61,7 +64,7 @@ def _client_gone() -> bool:
         return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
     except (BlockingIOError, InterruptedError):
         return False
-    except OSError:
+    except (OSError, ValueError):  # ValueError: the socket was already closed (fileno -1)
         return True
 
 
@@ -195,8 +198,9 @@ def _stream(raw: RawRequest, start: float, *, full_text_default: bool) -> Respon
         metrics.failure("dropped")
         _cancel(service, sub)
 
+    sock = request.environ.get("gunicorn.socket")  # the generator runs outside the request context
     hooks = StreamHooks(on_success=succeeded, on_failure=failed, on_dropped=dropped,
-                        on_close=lambda: service.release(sub))
+                        on_close=lambda: service.release(sub), client_gone=lambda: _socket_closed(sock))
     body = relay_stream(sub, service.deadline(), details=valid.details, hooks=hooks,
                         keepalive_s=st.keepalive_s,
                         prefix=raw.inputs if _full_text(valid, full_text_default) else "")

@@ -19,7 +19,7 @@ from common import model_files
 from common.settings import ApiSettings, LimitSettings, ModelSettings, RedisSettings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-GRACEFUL_TIMEOUT_S = 30
+REAP_EVERY_S = 2.0  # each gunicorn worker sweeps for dead workers' leases this often
 WORKER_CONNECTIONS = 1000
 
 
@@ -64,7 +64,7 @@ def gunicorn_options(api: ApiSettings) -> dict[str, Any]:
         "workers": api.workers,
         "worker_class": "gevent",
         "worker_connections": WORKER_CONNECTIONS,
-        "graceful_timeout": GRACEFUL_TIMEOUT_S,
+        "graceful_timeout": api.graceful_timeout,  # SIGTERM: open requests (streams) get this long
         "timeout": 60,  # heartbeat of a worker's event loop, not a request limit
         "keepalive": 5,
         "child_exit": _child_exit,
@@ -86,7 +86,8 @@ def run_api(redis: RedisSettings, model: ModelSettings, limits: LimitSettings, a
         from .app import AppConfig, create_app
 
         return create_app(AppConfig(redis=redis, model=model, limits=limits, api=api,
-                                    metrics_dir=metrics_dir, tokenizer_file=tokenizer))
+                                    metrics_dir=metrics_dir, tokenizer_file=tokenizer,
+                                    reap_every_s=REAP_EVERY_S))
 
     try:
         GunicornApp(gunicorn_options(api), factory).run()

@@ -8,6 +8,7 @@ import redis
 from common.settings import ApiSettings, LimitSettings
 
 from .metrics import Metrics
+from .reaping import LeaseReaper
 from .replies import ReplyHub
 from .service import GenerationService
 from .validation import Validator
@@ -24,8 +25,11 @@ class TgqState:
     service: GenerationService
     metrics: Metrics
     keepalive_s: float = 15.0
+    reaper: LeaseReaper | None = None
 
     def close(self) -> None:
         """Stop the reply reader and drop connections (tests; gunicorn just exits)."""
         self.hub.close()
+        if self.reaper is not None:
+            self.reaper.close()
         self.redis.close()

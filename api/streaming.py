@@ -4,6 +4,8 @@ Each event is `data:` + compact JSON + `\\n\\n` (no space, no `event:`/`id:` lin
 without an event a `:\\n\\n` comment keeps the connection alive (and lets the server notice a
 client that went away: the WSGI server closes the generator, GeneratorExit at the `yield`).
 Errors are one `data:{"error":..,"error_type":..}` event, after which the stream ends.
+While no event arrives the client's socket is looked at every second, so a client that hangs up
+while its job waits in the queue is noticed (and the job cancelled) before any worker runs it.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from common.errors import IncompleteGeneration, ServiceError, Unavailable
 from common.schemas import ErrorEvent, FinalEvent, Token, TokenEvent
 
 from .responses import dumps, token_dict
-from .service import Submission, error_from_event
+from .service import CLIENT_CHECK_S, Submission, error_from_event
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ class StreamHooks:
     on_failure: Callable[[ServiceError], None]
     on_dropped: Callable[[], None]  # client went away mid-stream: cancel the job, count `dropped`
     on_close: Callable[[], None]  # always, last
+    # polled while no event arrives (e.g. queued behind others): True once the client hung up
+    client_gone: Callable[[], bool] = lambda: False
 
 
 def relay_stream(sub: Submission, deadline: float, *, prefix: str, details: bool,
@@ -64,7 +68,7 @@ def relay_stream(sub: Submission, deadline: float, *, prefix: str, details: bool
         # An empty first chunk makes the WSGI server send the headers now, as axum does, rather
         # than with the first token (which may be a long queue wait away). It writes no bytes.
         yield b""
-        last_write = time.monotonic()
+        last_write = last_check = time.monotonic()
         while True:
             now = time.monotonic()
             if now >= deadline:
@@ -73,7 +77,8 @@ def relay_stream(sub: Submission, deadline: float, *, prefix: str, details: bool
                 yield error_event(IncompleteGeneration())
                 return
             try:
-                event = subscription.next(min(deadline - now, max(0.0, keepalive_s - (now - last_write))))
+                event = subscription.next(min(deadline - now, CLIENT_CHECK_S,
+                                              max(0.0, keepalive_s - (now - last_write))))
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 log.warning("Redis unreachable mid-stream: %s", exc)
                 ended = True
@@ -81,6 +86,12 @@ def relay_stream(sub: Submission, deadline: float, *, prefix: str, details: bool
                 yield error_event(Unavailable())
                 return
             if event is None:
+                if time.monotonic() - last_check >= CLIENT_CHECK_S:
+                    last_check = time.monotonic()
+                    if hooks.client_gone():  # noticed without waiting for a keep-alive write
+                        ended = True
+                        hooks.on_dropped()
+                        return
                 if time.monotonic() - last_write >= keepalive_s:
                     yield KEEPALIVE
                     last_write = time.monotonic()

@@ -51,6 +51,11 @@ def cancel_key(request_id: str) -> str:
     return f"{PREFIX}:cancel:{request_id}"
 
 
+def stranded_key(job_id: str) -> str:
+    """When a reaper first saw this job popped off the queue but not started (see common.reaper)."""
+    return f"{PREFIX}:stranded:{job_id}"
+
+
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 

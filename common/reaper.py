@@ -1,8 +1,15 @@
 """Recovery of jobs whose worker died: expired leases are re-queued at the head, or failed.
 
 A job's lease is its entry in RQ's started registry, renewed by its worker every second or so.
-When the entry's expiry passes, the worker is gone (or wedged). Any process may reap: the
-registry entry is claimed with ZREM, so two reapers never both re-queue one job.
+When the entry's expiry passes, the worker is gone (or wedged). Any process may reap — every
+worker does, and so does every API process, so a request whose only worker died still gets its
+answer: the registry entry is claimed with ZREM, so two reapers never both re-queue one job.
+
+How many runs a job gets is the setting of the worker that took it (`max_attempts` in the job's
+meta, written when the worker takes it); `max_attempts` here is only the fallback.
+
+A job popped off the queue (into RQ's intermediate list) by a worker that died before marking it
+started has no lease: `reap_stranded` puts such a job back once it has sat there `stranded_after_s`.
 """
 from __future__ import annotations
 
@@ -36,14 +43,41 @@ def reap_expired(connection: redis.Redis, queue: Queue, max_attempts: int) -> li
             continue
         if job.get_status(refresh=False) != JobStatus.STARTED:
             continue
-        attempt = int((job.meta or {}).get("attempt", 0)) + 1
-        if attempt < max_attempts:
+        meta = job.meta or {}
+        attempt = int(meta.get("attempt", 0)) + 1
+        if attempt < int(meta.get("max_attempts", max_attempts)):
             job.meta["attempt"] = attempt
             job.save_meta()
             queue.enqueue_job(job, at_front=True)
             log.warning("job %s: lease expired; re-queued at the head (attempt %d)", job_id, attempt)
         else:
             _fail(connection, queue, job, attempt)
+        handled.append(job_id)
+    return handled
+
+
+def reap_stranded(connection: redis.Redis, queue: Queue, stranded_after_s: float = 10.0) -> list[str]:
+    """Re-queue jobs left in RQ's intermediate list (popped, never started) for `stranded_after_s`."""
+    handled: list[str] = []
+    for raw_id in connection.lrange(queue.intermediate_queue_key, 0, -1):
+        job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+        status = connection.hget(Job.key_for(job_id), "status")
+        if status is None:
+            connection.lrem(queue.intermediate_queue_key, 1, raw_id)  # the job hash is gone
+            continue
+        if status.decode() != JobStatus.QUEUED.value:
+            continue  # taken: its worker removes it from the list itself
+        seen_key = protocol.stranded_key(job_id)
+        connection.set(seen_key, time.time(), nx=True, ex=protocol.CANCEL_TTL_S)
+        first_seen = float(connection.get(seen_key) or time.time())
+        if time.time() - first_seen < stranded_after_s:
+            continue
+        if connection.lrem(queue.intermediate_queue_key, 1, raw_id) != 1:
+            continue  # another reaper (or the worker) got there first
+        connection.delete(seen_key)
+        job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+        queue.enqueue_job(job, at_front=True)
+        log.warning("job %s: popped by a worker that never started it; re-queued at the head", job_id)
         handled.append(job_id)
     return handled
 

@@ -115,12 +115,16 @@ class ApiSettings:
     cors_allow_origin: str = _opt("", "comma-separated allowed origins; empty allows any origin")
     max_body_bytes: int = _opt(2_000_000, "largest accepted request body")
     request_timeout: float = _opt(600.0, "seconds a request may wait for its result before 500")
+    graceful_timeout: int = _opt(30, "on SIGTERM: stop accepting, give open requests (streams) "
+                                         "this many seconds to finish, then close them")
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise SettingsError("`port` must be in 1..65535")
         if self.workers < 1:
             raise SettingsError("`workers` must be >= 1")
+        if self.graceful_timeout < 0 or self.request_timeout <= 0:
+            raise SettingsError("`graceful_timeout` must be >= 0 and `request_timeout` > 0")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ rq-dashboard tell the truth — and drives those transitions itself:
   finished: RQ's own success/failure handlers; cancelled rows end up in the canceled registry.
 
 A lease is the job's entry in RQ's started registry with a short expiry (`lease_ttl`); the reaper
-(`worker.reaper`) re-queues jobs whose lease expired because their worker died.
+(`common.reaper`, run by every worker and API process) re-queues jobs whose lease expired because
+their worker died. A worker that was only stalled (SIGSTOP, a swapped-out host) finds its reaped
+leases gone before it publishes again and drops those rows silently: the re-run owns them now.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Any, Callable, TypeVar
 
 import redis
 from rq import Queue, SimpleWorker
-from rq.exceptions import DequeueTimeout
+from rq.exceptions import DequeueTimeout, DeserializationError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
@@ -30,9 +32,8 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 
 from common import protocol
+from common.reaper import reap_expired, reap_stranded
 from common.schemas import ErrorEvent, Event, FinalEvent, GenerationJob
-
-from .reaper import reap_expired
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,6 +91,7 @@ class RedisJobs:
         self.model_id = model_id
         self.started_registry = StartedJobRegistry(queue.name, connection, serializer=JSONSerializer)
         self.held: dict[str, Running] = {}
+        self.lost: set[str] = set()  # held jobs whose lease was reaped; dropped at the next step
         self._stash: list[tuple[Job, Queue]] = []
         self._renew_every_s = renew_every_s
         self._last_renewal = 0.0
@@ -145,7 +147,8 @@ class RedisJobs:
     def _give_back(self, jobs: list[GenerationJob]) -> None:
         for job in jobs:
             running = self.held.pop(job.request_id, None)
-            if running is None:
+            if running is None or job.request_id in self.lost:
+                self.lost.discard(job.request_id)
                 continue
             with self.redis.pipeline() as pipe:
                 self.worker.cleanup_execution(running.rq_job, pipeline=pipe, execution=running.execution)
@@ -154,19 +157,26 @@ class RedisJobs:
 
     def _take(self, rq_job: Job) -> GenerationJob | None:
         """Mark a dequeued job started and decode its payload; None if it must not run."""
+        if self.redis.lpos(self.queue.intermediate_queue_key, rq_job.id) is None:
+            # Held so long (a stopped process) that a reaper put it back on the queue: not ours.
+            log.warning("job %s: no longer ours (re-queued by a reaper); skipped", rq_job.id)
+            return None
         if self.redis.exists(protocol.cancel_key(rq_job.id)):
-            # The client left while the job waited: never run it.
+            # The client left (or its deadline passed) while the job waited: never run it.
             self.redis.lrem(self.queue.intermediate_queue_key, 1, rq_job.id)
             rq_job.cancel()
             return None
+        # The reaper counts runs against the limit of the worker that took the job.
+        rq_job.meta["max_attempts"] = self.max_attempts
+        rq_job.save_meta()
         execution = self.worker.prepare_execution(rq_job)
         self.worker.prepare_job_execution(rq_job, remove_from_intermediate_queue=True)
         try:
-            payload = dict(rq_job.args[0])
+            payload = dict(rq_job.args[0])  # JSON only: RQ's JSONSerializer, never pickle
             payload["attempt"] = attempt_of(rq_job)
             job = GenerationJob.from_dict(payload)
-        except (IndexError, KeyError, TypeError, ValueError) as exc:
-            self._fail_rq(rq_job, execution, f"invalid job payload: {exc}")
+        except (DeserializationError, IndexError, KeyError, TypeError, ValueError) as exc:
+            self._fail_rq(rq_job, execution, f"invalid job payload: {exc!r}")
             return None
         self.held[job.request_id] = Running(job, rq_job, execution)
         return job
@@ -180,24 +190,42 @@ class RedisJobs:
         return retry_redis(lambda: self._step_done(events, running), "step")
 
     def _step_done(self, events: list[Event], running: list[GenerationJob]) -> set[str]:
+        renewing = time.monotonic() - self._last_renewal >= self._renew_every_s
+        lost = self._lost_leases(running) if renewing else set()
         pipe = self.redis.pipeline(transaction=False)
         for job in running:  # first, so their replies are results[:len(running)]
             pipe.exists(protocol.cancel_key(job.request_id))
         for event in events:
             held = self.held.get(event.request_id)
-            if held is None:
+            if held is None or event.request_id in self.lost:
                 continue
             data = protocol.encode_event(event)
             pipe.publish(held.job.reply_to, data)
             if isinstance(event, (FinalEvent, ErrorEvent)):
                 pipe.set(protocol.result_key(event.request_id), data, ex=protocol.RESULT_TTL_S)
-        if time.monotonic() - self._last_renewal >= self._renew_every_s:
+        if renewing:
             self._renew_leases(pipe, running)
         pipe.set(self._batch_key, len(running), ex=self._batch_key_ttl_s)
         self._add_metrics(pipe)
         flags = pipe.execute()[:len(running)]
         self._maybe_reap()
-        return {job.request_id for job, flag in zip(running, flags) if flag}
+        return lost | {job.request_id for job, flag in zip(running, flags) if flag}
+
+    def _lost_leases(self, running: list[GenerationJob]) -> set[str]:
+        """Held jobs whose lease a reaper took (this process was stopped or stalled past its
+        lease): another worker re-runs them, so this one drops them without a word to the API or
+        to RQ. Checked before each renewal, so a stalled worker finds out before it publishes."""
+        held = [self.held[job.request_id] for job in running if job.request_id in self.held]
+        if not held:
+            return set()
+        pipe = self.redis.pipeline(transaction=False)
+        for h in held:
+            pipe.zscore(self.started_registry.key, h.execution.composite_key)
+        lost = {h.job.request_id for h, score in zip(held, pipe.execute()) if score is None}
+        for rid in lost:
+            log.warning("job %s: lease lost (this worker stalled past --lease-ttl); dropping it", rid)
+        self.lost |= lost
+        return lost
 
     def _maybe_reap(self) -> None:
         """Every few seconds, recover jobs of dead workers (any live worker does it)."""
@@ -205,6 +233,7 @@ class RedisJobs:
             return
         self._last_reap = time.monotonic()
         reap_expired(self.redis, self.queue, self.max_attempts)
+        reap_stranded(self.redis, self.queue)
 
     def _add_metrics(self, pipe: redis.client.Pipeline) -> None:
         key = protocol.batch_metrics_key(self.model_id)
@@ -226,6 +255,9 @@ class RedisJobs:
 
     def finished(self, job: GenerationJob, event: FinalEvent | ErrorEvent | None) -> None:
         held = self.held.pop(job.request_id, None)
+        if job.request_id in self.lost:  # another worker owns the job now: leave RQ alone
+            self.lost.discard(job.request_id)
+            return
         if held is not None:
             retry_redis(lambda: self._finished(held, event), "finish")
 
