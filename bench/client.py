@@ -133,9 +133,7 @@ async def _one_request(session: Any, api: str, url: str, payload: dict[str, Any]
                     r.generated_tokens = ev.generated_tokens
                     r.finish_reason = ev.finish_reason
                     finished = True
-                    r.end = now
-                    if api == "tgi":
-                        break  # TGI's stream ends after its final event
+                    r.end = now  # TGI's body ends right after; reading on to EOF keeps the connection reusable
                 if ev.kind == "done":
                     r.end = r.end or now
                     break

@@ -212,6 +212,28 @@ class TgqStack:
         return {"commands": stats.commandstats_calls(self.redis.info("commandstats")),
                 "reads": int(s.get("total_reads_processed", 0))}
 
+    def cancel_leftovers(self) -> int:
+        """Flag every queued or running job as cancelled (what a client's disconnect asks for).
+
+        After a run cut at its deadline, the aborted streams' jobs may still sit in the queue: the API
+        only notices a gone client when it next writes to it. Left there, they would eat into the
+        next run."""
+        from rq import Queue
+        from rq.registry import StartedJobRegistry
+        from rq.serializers import JSONSerializer
+
+        from common import model_files, protocol
+
+        queue = Queue(protocol.queue_name(model_files.resolve(self.args.model).model_id), connection=self.redis,
+                      serializer=JSONSerializer)
+        ids = list(queue.get_job_ids()) + list(StartedJobRegistry(queue=queue).get_job_ids())
+        if ids:
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.set(protocol.cancel_key(job_id), b"1", ex=protocol.CANCEL_TTL_S)
+            pipe.execute()
+        return len(ids)
+
     def stop(self, errors: list[str] | None = None) -> None:
         if errors is not None:
             errors.extend(self.problems)
@@ -270,6 +292,12 @@ def _load(args: argparse.Namespace, url: str, api: str, clients: int, requests: 
                     progress=args.progress)
 
 
+def _settle(args: argparse.Namespace, url: str, api: str) -> None:
+    """A one-token barrier request: both servers serve in arrival order, so once it returns, whatever the
+    previous run left behind (aborted streams, cancelled jobs) is out of the way."""
+    _load(args, url, api, 1, 1, 600, new_tokens=1)
+
+
 def _warm_up(args: argparse.Namespace, url: str, api: str) -> None:
     _load(args, url, api, 1, 1, 120, new_tokens=8)
     top = max(args.concurrency)
@@ -307,6 +335,9 @@ def _measure_stack(args: argparse.Namespace, stack: TgqStack, concurrencies: lis
                     " | ".join(w.tail(300).strip().splitlines()[-1] for w in stack.workers if not w.alive())
                 if note not in stack.problems:
                     stack.problems.append(note)
+            if res["cut_at_deadline"]:
+                res["cancelled_leftovers"] = stack.cancel_leftovers()
+                _settle(args, stack.url, "tgi")
             runs.append(res)
             _say(f"{stack.label} c={c} run {rep + 1}/{args.repeats}: {res['tokens_per_s']:.1f} tok/s, "
                  f"TTFT p50 {_fmt_ms(res['ttft_s']['p50'])}, ITL p50 {_fmt_ms(res['itl_s']['p50'])}, "
@@ -339,6 +370,8 @@ def _measure_llama(args: argparse.Namespace, server: LlamaCppServer, concurrenci
         runs = []
         for rep in range(args.repeats):
             res = _load(args, server.url, "openai", c, max(2, c), args.window)
+            if res["cut_at_deadline"]:
+                _settle(args, server.url, "openai")
             runs.append(res)
             _say(f"{server.label} c={c} run {rep + 1}/{args.repeats}: {res['tokens_per_s']:.1f} tok/s, "
                  f"errors {res['errors']}")
