@@ -21,10 +21,11 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.exceptions import NoSuchJobError
 from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from common import protocol
-from common.schemas import ErrorEvent
+from . import protocol
+from .schemas import ErrorEvent
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,9 @@ def _fail(connection: redis.Redis, queue: Queue, job: Job, attempts: int) -> Non
     with connection.pipeline() as pipe:
         job.set_status(JobStatus.FAILED, pipeline=pipe)
         FailedJobRegistry(queue.name, connection, serializer=JSONSerializer).add(
-            job, exc_string=reason, pipeline=pipe)
+            job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe)
+        # what `rq info`, rq-dashboard and job.latest_result() show as the reason
+        Result.create_failure(job, job.failure_ttl, exc_string=reason, pipeline=pipe)
         pipe.set(protocol.result_key(job.id), data, ex=protocol.RESULT_TTL_S)
         if isinstance(payload, dict) and isinstance(payload.get("reply_to"), str):
             pipe.publish(payload["reply_to"], data)

@@ -130,6 +130,7 @@ class RedisJobs:
         self._maybe_reap()
         if self._stash:
             return
+        self.redis.set(self._batch_key, 0, ex=self._batch_key_ttl_s)  # idle: no rows held
         try:
             popped = Queue.dequeue_any([self.queue], max(1, int(timeout)), connection=self.redis,
                                        serializer=JSONSerializer)
