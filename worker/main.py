@@ -70,6 +70,7 @@ def run_worker(redis_settings: RedisSettings, model_settings: ModelSettings, lim
     jobs = RedisJobs(connection, rq_worker, queue, source.model_id, max_attempts=settings.max_attempts)
     metrics = EngineMetrics(max_batch_size=settings.max_batch_size)
     jobs.take_metric_increments = metrics.take_increments
+    jobs.current_batch_size = lambda: metrics.current_size
     if settings.metrics_port:
         from prometheus_client import start_http_server
 

@@ -102,6 +102,10 @@ class RedisJobs:
         self._last_reap = 0.0
         # The engine's metrics hand over their Redis hash increments here, flushed once per step.
         self.take_metric_increments: Callable[[], dict[str, float]] = dict
+        # The true batch size (running rows, not local waiting jobs), for tgi_batch_current_size.
+        self.current_batch_size: Callable[[], int] = lambda: 0
+        # Queue length read in each step's pipeline: while it is 0, fetch costs no round trip.
+        self._waiting_hint = 1
 
     # ---- RequestSource -------------------------------------------------------------------
     def fetch(self, max_jobs: int) -> list[GenerationJob]:
@@ -113,8 +117,11 @@ class RedisJobs:
             if self._stash:
                 rq_job, queue = self._stash.pop(0)
             else:
+                if self._waiting_hint <= 0:
+                    break
                 popped = Queue.dequeue_any([self.queue], None, connection=self.redis, serializer=JSONSerializer)
                 if popped is None:
+                    self._waiting_hint = 0
                     break
                 rq_job, queue = popped
             job = self._take(rq_job)
@@ -138,6 +145,7 @@ class RedisJobs:
             popped = None
         if popped is not None:
             self._stash.append(popped)
+            self._waiting_hint = 1  # a burst may be arriving: look again on the next fetch
         else:
             self.worker.heartbeat()
 
@@ -206,9 +214,12 @@ class RedisJobs:
                 pipe.set(protocol.result_key(event.request_id), data, ex=protocol.RESULT_TTL_S)
         if renewing:
             self._renew_leases(pipe, running)
-        pipe.set(self._batch_key, len(running), ex=self._batch_key_ttl_s)
+        pipe.set(self._batch_key, self.current_batch_size(), ex=self._batch_key_ttl_s)
         self._add_metrics(pipe)
-        flags = pipe.execute()[:len(running)]
+        pipe.llen(self.queue.key)
+        results = pipe.execute()
+        self._waiting_hint = int(results[-1])
+        flags = results[:len(running)]
         self._maybe_reap()
         return lost | {job.request_id for job, flag in zip(running, flags) if flag}
 
