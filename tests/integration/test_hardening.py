@@ -3,6 +3,7 @@ redis-server, real `tgq worker` processes (tiny model) and a real `tgq api` (gun
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import signal
 import time
 
@@ -129,5 +130,147 @@ def test_cancel_flag_stops_the_row_within_one_step(redis_url, tiny_model_dir, ta
             assert all(isinstance(e, TokenEvent) for e in after)
             with pytest.raises(requests.exceptions.ReadTimeout):
                 pending.result()  # nothing more comes: the client gives up
+    finally:
+        stack.stop()
+
+
+def test_queued_jobs_of_departed_or_expired_clients_are_never_run(redis_url, tiny_model_dir, tap):
+    """No worker yet. Four requests wait in the queue: a non-stream client that gives up, a stream
+    client that hangs up, and one of each that outlives --request-timeout (documented 500 /
+    error event). Then a worker starts: it must run none of them and publish nothing for them."""
+    stack = make_stack(redis_url, tiny_model_dir, workers=0, api_args=("--request-timeout", "6"))
+    try:
+        client = stack.redis
+        body = {"inputs": "waiting", "parameters": {"max_new_tokens": 5}}
+
+        def flagged() -> list[str]:
+            return [r for r in rq_queue(client).get_job_ids() if client.exists(protocol.cancel_key(r))]
+
+        started = time.monotonic()
+        with cf.ThreadPoolExecutor(4) as pool:
+            expired = pool.submit(requests.post, stack.url + "/generate", json=body, timeout=30)
+            expired_stream = pool.submit(stream_events, stack.url + "/generate_stream", body, 30)
+            with pytest.raises(requests.exceptions.ReadTimeout):
+                requests.post(stack.url + "/generate", json=body, timeout=(5, 1.0))
+            resp = requests.post(stack.url + "/generate_stream", json=body, stream=True, timeout=30)
+            assert resp.status_code == 200  # headers come at once, before any token
+            resp.close()
+            # the two departed clients are noticed within ~1 s each, well before the 6 s deadline
+            wait_for(lambda: len(flagged()) == 2, 3, "the departed clients' cancel flags")
+            assert time.monotonic() - started < 5
+            plain, (_, events, _) = expired.result(), expired_stream.result()
+        assert plain.status_code == 500 and plain.json() == INCOMPLETE
+        assert events == [INCOMPLETE]
+        assert 6 <= time.monotonic() - started < 12  # answered at the deadline, not left hanging
+        rids = rq_queue(client).get_job_ids()
+        assert len(rids) == 4
+        wait_for(lambda: len(flagged()) == 4, 5, "all four cancel flags")
+
+        stack.add_worker()
+        canceled = CanceledJobRegistry(queue=rq_queue(client))
+        wait_for(lambda: set(rids) <= set(canceled.get_job_ids()), 20, "the worker to cancel all four")
+        for rid in rids:
+            assert job(client, rid).started_at is None  # never marked started
+            assert not client.exists(protocol.result_key(rid))
+        assert tap.request_ids() == []  # not one event for any of them
+        ok = requests.post(stack.url + "/generate", json=body, timeout=30)
+        assert ok.status_code == 200
+    finally:
+        stack.stop()
+
+
+def test_stopped_worker_is_reaped_and_harmless_after_sigcont(redis_url, tiny_model_dir, tap):
+    """Two workers, 2 s leases. SIGSTOP one mid-generation: its jobs are re-run by the other and
+    every request completes with the right text. SIGCONT: the stale worker drops the rows it no
+    longer owns (publishes nothing, leaves RQ alone) and then serves new requests."""
+    stack = make_stack(redis_url, tiny_model_dir, workers=0)
+    try:
+        client = stack.redis
+        for name in ("stuck", "healthy"):
+            stack.workers.append(start_worker(stack.redis_url, stack.model, "--model-id", MODEL_ID,
+                                              "--lease-ttl", "2", "--max-batch-size", "4", "--name", name))
+        wait_worker_ready(client, stack.workers)
+        stuck, healthy = stack.workers
+        params = {"max_new_tokens": 600, "details": True}
+        expected = requests.post(stack.url + "/generate", json={"inputs": "the same", "parameters": params},
+                                 timeout=60).json()["generated_text"]
+        queue = rq_queue(client)
+        before = set(tap.request_ids())
+
+        def held_by(name: str) -> list[str]:
+            return [r for r in StartedJobRegistry(queue=queue).get_job_ids() if job(client, r).worker_name == name]
+
+        body = {"inputs": "the same", "parameters": params}
+        with cf.ThreadPoolExecutor(8) as pool:
+            plain = [pool.submit(requests.post, stack.url + "/generate", json=body, timeout=90) for _ in range(4)]
+            streams = [pool.submit(stream_events, stack.url + "/generate_stream", body, 90) for _ in range(4)]
+            victims = wait_for(lambda: len(held_by("healthy")) > 0 and held_by("stuck"), 30, "both workers busy")
+            stuck.send(signal.SIGSTOP)
+            results = [f.result() for f in plain]
+            streamed = [f.result()[1] for f in streams]
+        assert all(r.status_code == 200 for r in results), [r.text for r in results]
+        assert all(r.json()["generated_text"] == expected for r in results)
+        for events in streamed:
+            assert "error" not in events[-1], events[-1]
+            assert "".join(e["token"]["text"] for e in events) == expected  # each token exactly once
+            assert events[-1]["details"]["generated_tokens"] == len(events)
+        for rid in victims:
+            j = job(client, rid)
+            assert j.get_status() == JobStatus.FINISHED and j.meta["attempt"] == 1 and j.worker_name == "healthy"
+        ours = set(tap.request_ids()) - before
+        stored = {rid: protocol.decode_event(client.get(protocol.result_key(rid))) for rid in ours}
+
+        published = len(tap.events)
+        stuck.send(signal.SIGCONT)
+        wait_for(lambda: "lease lost" in stuck.output(), 20, "the stale worker to notice its lost leases")
+        for rid in victims:  # nothing more from the stale attempt, and RQ's record is unchanged
+            assert all(e.attempt == 1 for e in tap.of(rid)[-1:])
+            assert job(client, rid).get_status() == JobStatus.FINISHED
+        assert all(e.attempt >= 1 for _, e in tap.events[published:] if e is not None and e.request_id in victims)
+        assert {rid: protocol.decode_event(client.get(protocol.result_key(rid))) for rid in ours} == stored
+        assert set(FinishedJobRegistry(queue=queue).get_job_ids()) >= ours
+        assert StartedJobRegistry(queue=queue).get_job_ids() == []
+        assert FailedJobRegistry(queue=queue).get_job_ids() == []
+
+        # the resumed worker carries on: with the other one gone it serves a new request
+        healthy.send(signal.SIGTERM)
+        assert healthy.proc.wait(40) == 0
+        stack.workers.remove(healthy)
+        assert stuck.alive()
+        again = requests.post(stack.url + "/generate", json={"inputs": "the same", "parameters": params}, timeout=60)
+        assert again.status_code == 200 and again.json()["generated_text"] == expected
+    finally:
+        for w in stack.workers:
+            w.send(signal.SIGCONT)
+        stack.stop()
+
+
+def test_sigterm_to_the_api_finishes_open_streams_and_refuses_new_connections(redis_url, tiny_model_dir):
+    limits = ("--max-input-length", "64", "--max-total-tokens", "4000")
+    stack = make_stack(redis_url, tiny_model_dir, workers=0, api_args=limits + ("--graceful-timeout", "60"))
+    try:
+        stack.add_worker(*limits)
+        resp = requests.post(stack.url + "/generate_stream", json={"inputs": "a long one", "parameters": {
+            "max_new_tokens": 3900, "details": True}}, stream=True, timeout=60)
+        frames = resp.iter_lines()
+        first = next(line for line in frames if line.startswith(b"data:"))
+        stack.api.send(signal.SIGTERM)
+        signalled = time.monotonic()
+
+        def refused() -> bool:
+            try:
+                requests.get(stack.url + "/metrics", timeout=2)
+            except requests.exceptions.ConnectionError:
+                return True
+            return False
+
+        wait_for(refused, 5, "new connections to be refused", every=0.1)
+        assert stack.api.alive()  # still finishing the open stream
+        rest = [line for line in frames if line.startswith(b"data:")]
+        events = [json.loads(line[5:]) for line in [first, *rest]]
+        assert events[-1]["details"]["finish_reason"] == "length"
+        assert events[-1]["details"]["generated_tokens"] == len(events) == 3900
+        assert stack.api.proc.wait(30) == 0
+        assert time.monotonic() - signalled < 60
     finally:
         stack.stop()
