@@ -116,7 +116,19 @@ class ForwardOut:
 @torch.inference_mode()
 def forward(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             position_ids: torch.Tensor, cache: Any, logits_to_keep: int = 1) -> ForwardOut:
-    """One model call; `attention_mask` is a prepared 4D bool mask [B, 1, q, kv] (True = attend)."""
-    out = loaded.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       cache=cache, use_cache=True, logits_to_keep=logits_to_keep)
-    return ForwardOut(logits=out.logits, cache=out.cache)
+    """One model call; `attention_mask` is a prepared 4D bool mask [B, 1, q, kv] (True = attend).
+
+    The LM head runs here on a contiguous 2-D slice of the hidden states: given the strided
+    [B, 1, H] slice that transformers passes, torch broadcasts the [V, H] head into a [B, H, V]
+    copy for a bmm (783 ms of a 1.3 s prefill at B=8 on this CPU).
+    """
+    model = loaded.model
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              cache=cache, use_cache=True)
+    hidden = out.last_hidden_state
+    if logits_to_keep:
+        hidden = hidden[:, -logits_to_keep:, :]
+    b, t, h = hidden.shape
+    head = model.get_output_embeddings()
+    logits = head(hidden.reshape(b * t, h).contiguous()).view(b, t, -1)
+    return ForwardOut(logits=logits, cache=out.cache)
