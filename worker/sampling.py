@@ -200,15 +200,6 @@ def _typical_candidates(values: torch.Tensor, params: Sequence[SamplingParams]) 
     return values.masked_fill(shifted > threshold, NEG_INF)
 
 
-def _on_rows(scores: torch.Tensor, rows: list[int], fn, *args) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """Apply a filter to a subset of rows only (the others keep their scores)."""
-    if len(rows) == scores.shape[0]:
-        return fn(scores, *args)
-    index = torch.tensor(rows, dtype=torch.long, device=scores.device)
-    scores[index] = fn(scores[index], *args)
-    return scores
-
-
 def _uniforms(generators: Sequence[torch.Generator | None], device: torch.device) -> torch.Tensor:
     if any(g is None for g in generators):
         raise ValueError("a sampling row has no generator")
