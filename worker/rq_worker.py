@@ -27,7 +27,8 @@ from rq import Queue, SimpleWorker
 from rq.exceptions import DequeueTimeout, DeserializationError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
-from rq.registry import CanceledJobRegistry, StartedJobRegistry
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, StartedJobRegistry
+from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
@@ -175,20 +176,37 @@ class RedisJobs:
             self.redis.lrem(self.queue.intermediate_queue_key, 1, rq_job.id)
             rq_job.cancel()
             return None
+        raw: object = None
+        try:  # decoded before anything else touches the job: RQ itself would try and crash on it
+            raw = rq_job.args[0]  # JSON only (RQ's JSONSerializer): never unpickled
+            payload = dict(raw)  # type: ignore[call-overload]
+            payload["attempt"] = attempt_of(rq_job)
+            job = GenerationJob.from_dict(payload)
+        except (DeserializationError, IndexError, KeyError, TypeError, ValueError) as exc:
+            reply_to = raw.get("reply_to") if isinstance(raw, dict) else None
+            self._reject(rq_job, f"invalid job payload: {exc!r}", reply_to if isinstance(reply_to, str) else None)
+            return None
         # The reaper counts runs against the limit of the worker that took the job.
         rq_job.meta["max_attempts"] = self.max_attempts
         rq_job.save_meta()
         execution = self.worker.prepare_execution(rq_job)
         self.worker.prepare_job_execution(rq_job, remove_from_intermediate_queue=True)
-        try:
-            payload = dict(rq_job.args[0])  # JSON only: RQ's JSONSerializer, never pickle
-            payload["attempt"] = attempt_of(rq_job)
-            job = GenerationJob.from_dict(payload)
-        except (DeserializationError, IndexError, KeyError, TypeError, ValueError) as exc:
-            self._fail_rq(rq_job, execution, f"invalid job payload: {exc!r}")
-            return None
         self.held[job.request_id] = Running(job, rq_job, execution)
         return job
+
+    def _reject(self, rq_job: Job, reason: str, reply_to: str | None) -> None:
+        """Fail a job that cannot be decoded, without running it; answer its request if it says where."""
+        log.error("job %s: %s", rq_job.id, reason)
+        with self.redis.pipeline() as pipe:
+            pipe.lrem(self.queue.intermediate_queue_key, 1, rq_job.id)
+            rq_job.set_status(JobStatus.FAILED, pipeline=pipe)
+            FailedJobRegistry(self.queue.name, self.redis, serializer=JSONSerializer).add(
+                rq_job, ttl=rq_job.failure_ttl, exc_string=reason, pipeline=pipe)
+            Result.create_failure(rq_job, rq_job.failure_ttl, exc_string=reason, pipeline=pipe)
+            if reply_to is not None:
+                event = ErrorEvent(rq_job.id, attempt_of(rq_job), reason, "generation")
+                pipe.publish(reply_to, protocol.encode_event(event))
+            pipe.execute()
 
     # ---- EventSink -----------------------------------------------------------------------
     def step_done(self, events: list[Event], running: list[GenerationJob]) -> set[str]:
