@@ -274,3 +274,30 @@ def test_sigterm_to_the_api_finishes_open_streams_and_refuses_new_connections(re
         assert time.monotonic() - signalled < 60
     finally:
         stack.stop()
+
+
+def test_429_exactly_past_the_queue_limit_on_real_gunicorn(redis_url, tiny_model_dir):
+    """No worker: 3 requests fill --max-queue-length 3; the 4th is 429 (a 200 stream with the error
+    event on /generate_stream, as TGI); the server stays healthy, and all 3 complete once a worker runs."""
+    stack = make_stack(redis_url, tiny_model_dir, workers=0, api_args=("--max-queue-length", "3"))
+    try:
+        queue = rq_queue(stack.redis)
+        body = {"inputs": "queued", "parameters": {"max_new_tokens": 3}}
+        with cf.ThreadPoolExecutor(3) as pool:
+            waiting = [pool.submit(requests.post, stack.url + "/generate", json=body, timeout=90) for _ in range(3)]
+            wait_for(lambda: queue.count == 3, 10, "three queued jobs")
+            over = requests.post(stack.url + "/generate", json=body, timeout=10)
+            assert over.status_code == 429
+            assert over.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
+            _, events, _ = stream_events(stack.url + "/generate_stream", body, 10)
+            assert events == [{"error": "Model is overloaded", "error_type": "overloaded"}]
+            assert queue.count == 3  # the refused requests enqueued nothing
+            assert requests.get(stack.url + "/metrics", timeout=10).status_code == 200
+            stack.add_worker()
+            assert all(f.result().status_code == 200 for f in waiting)
+        assert requests.post(stack.url + "/generate", json=body, timeout=30).status_code == 200
+        metrics = requests.get(stack.url + "/metrics", timeout=10).text.splitlines()
+        overloaded = [line for line in metrics if line.startswith('tgi_request_failure{err="overloaded"}')]
+        assert overloaded and float(overloaded[0].rsplit(" ", 1)[1]) == 2.0, overloaded
+    finally:
+        stack.stop()
