@@ -7,7 +7,9 @@ import pytest
 import redis
 import requests
 
-from .conftest import MODEL_ID, make_stack
+from tests.support.redis_server import free_port
+
+from .conftest import make_stack
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +19,8 @@ def small_budget_stack(redis_server, tiny_model_dir):
     """A worker whose prefill budget (32 tokens) is smaller than some prompts."""
     redis.Redis.from_url(redis_server.url).flushall()
     s = make_stack(redis_server.url, tiny_model_dir, workers=0)
-    s.add_worker("--max-batch-prefill-tokens", "32", "--max-batch-size", "8")
+    s.metrics_port = free_port()
+    s.add_worker("--max-batch-prefill-tokens", "32", "--max-batch-size", "8", "--metrics-port", str(s.metrics_port))
     yield s
     s.stop()
 
@@ -85,3 +88,10 @@ def test_a_newcomer_joins_the_running_batch_without_restarting_it(small_budget_s
     p1, d1 = _counts(stack)
     assert p1 - p0 == 2
     assert d1 - d0 <= 60  # A alone needs 59 decode steps; B's 9 were shared with them
+
+
+def test_the_worker_serves_its_own_metrics(small_budget_stack):
+    post(small_budget_stack, "count me", max_new_tokens=4)
+    text = requests.get(f"http://127.0.0.1:{small_budget_stack.metrics_port}/metrics", timeout=10).text
+    assert "# TYPE tgi_batch_current_size gauge" in text
+    assert 'tgi_batch_inference_count{method="decode"}' in text
