@@ -76,6 +76,18 @@ def retry_redis(fn: Callable[[], T], what: str, stop: Callable[[], bool] = lambd
             delay = min(delay * 2, 5.0)
 
 
+# Publish (and store a final result) only while this worker's lease entry is still in the started
+# registry. Checked by Redis itself, so a worker that was stopped anywhere in its step (SIGSTOP,
+# a stalled host) can never send events for a job that a reaper has handed to another worker.
+# KEYS: started registry, reply channel, result key. ARGV: lease member, event, result TTL (0: none).
+FENCED_PUBLISH = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('PUBLISH', KEYS[2], ARGV[2])
+if ARGV[3] ~= '0' then redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3]) end
+return 1
+"""
+
+
 def attempt_of(rq_job: Job) -> int:
     return int((rq_job.meta or {}).get("attempt", 0))
 
@@ -93,6 +105,7 @@ class RedisJobs:
         self.started_registry = StartedJobRegistry(queue.name, connection, serializer=JSONSerializer)
         self.held: dict[str, Running] = {}
         self.lost: set[str] = set()  # held jobs whose lease was reaped; dropped at the next step
+        self._fenced_publish = connection.register_script(FENCED_PUBLISH)
         self._stash: list[tuple[Job, Queue]] = []
         self._renew_every_s = renew_every_s
         self._last_renewal = 0.0
@@ -222,14 +235,17 @@ class RedisJobs:
         pipe = self.redis.pipeline(transaction=False)
         for job in running:  # first, so their replies are results[:len(running)]
             pipe.exists(protocol.cancel_key(job.request_id))
+        fenced: list[str] = []  # request id of each fenced publish, in pipeline order
         for event in events:
             held = self.held.get(event.request_id)
             if held is None or event.request_id in self.lost:
                 continue
             data = protocol.encode_event(event)
-            pipe.publish(held.job.reply_to, data)
-            if isinstance(event, (FinalEvent, ErrorEvent)):
-                pipe.set(protocol.result_key(event.request_id), data, ex=protocol.RESULT_TTL_S)
+            keep_s = protocol.RESULT_TTL_S if isinstance(event, (FinalEvent, ErrorEvent)) else 0
+            self._fenced_publish(keys=[self.started_registry.key, held.job.reply_to,
+                                       protocol.result_key(event.request_id)],
+                                 args=[held.execution.composite_key, data, keep_s], client=pipe)
+            fenced.append(event.request_id)
         if renewing:
             self._renew_leases(pipe, running)
         pipe.set(self._batch_key, self.current_batch_size(), ex=self._batch_key_ttl_s)
@@ -238,8 +254,12 @@ class RedisJobs:
         results = pipe.execute()
         self._waiting_hint = int(results[-1])
         flags = results[:len(running)]
+        refused = {rid for rid, ok in zip(fenced, results[len(running):len(running) + len(fenced)]) if not ok}
+        for rid in refused - self.lost:
+            log.warning("job %s: lease lost while this worker was stalled; its events were not sent", rid)
+        self.lost |= refused
         self._maybe_reap()
-        return lost | {job.request_id for job, flag in zip(running, flags) if flag}
+        return lost | refused | {job.request_id for job, flag in zip(running, flags) if flag}
 
     def _lost_leases(self, running: list[GenerationJob]) -> set[str]:
         """Held jobs whose lease a reaper took (this process was stopped or stalled past its
