@@ -100,7 +100,7 @@ class NaiveRunner:
             StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
-        loaded, jobs, tok = self.loaded, self.jobs, self.loaded.tokenizer
+        loaded, jobs = self.loaded, self.jobs
         eos = loaded.eos_token_id
         sp, stopping = job.sampling, job.stopping
         started_at = time.time()
