@@ -5,7 +5,7 @@ parameters, and where to send replies. Events are what a worker publishes while 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 

@@ -80,7 +80,7 @@ def test_fetch_publish_finish_moves_the_job_through_rq(conn):
 
 def test_cancel_flag_is_reported_and_the_job_lands_in_canceled(conn):
     queue, worker, jobs = make_jobs(conn)
-    a, b = enqueue(conn, queue), enqueue(conn, queue)
+    _, b = enqueue(conn, queue), enqueue(conn, queue)
     taken = jobs.fetch(4)
     conn.set(protocol.cancel_key(b.request_id), 1)
     assert jobs.step_done([], taken) == {b.request_id}

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import pickletools
 import re
-import time
 import zlib
 from pathlib import Path
 

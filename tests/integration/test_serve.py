@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 
 import psutil
 import pytest

@@ -1,9 +1,7 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
-import pytest
 import torch
 
 from common.schemas import (ErrorEvent, FinalEvent, FinishReason, GenerationJob, SamplingParams,
