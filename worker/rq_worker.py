@@ -12,8 +12,9 @@ rq-dashboard tell the truth — and drives those transitions itself:
 
 A lease is the job's entry in RQ's started registry with a short expiry (`lease_ttl`); the reaper
 (`common.reaper`, run by every worker and API process) re-queues jobs whose lease expired because
-their worker died. A worker that was only stalled (SIGSTOP, a swapped-out host) finds its reaped
-leases gone before it publishes again and drops those rows silently: the re-run owns them now.
+their worker died. A worker that was only stalled (SIGSTOP, a swapped-out host) cannot publish for
+a reaped job: every publish goes through a Redis script that first checks the lease (FENCED_PUBLISH).
+A refused publish tells the worker to drop that row silently: the re-run owns it now.
 """
 from __future__ import annotations
 
@@ -231,7 +232,6 @@ class RedisJobs:
 
     def _step_done(self, events: list[Event], running: list[GenerationJob]) -> set[str]:
         renewing = time.monotonic() - self._last_renewal >= self._renew_every_s
-        lost = self._lost_leases(running) if renewing else set()
         pipe = self.redis.pipeline(transaction=False)
         for job in running:  # first, so their replies are results[:len(running)]
             pipe.exists(protocol.cancel_key(job.request_id))
@@ -259,23 +259,7 @@ class RedisJobs:
             log.warning("job %s: lease lost while this worker was stalled; its events were not sent", rid)
         self.lost |= refused
         self._maybe_reap()
-        return lost | refused | {job.request_id for job, flag in zip(running, flags) if flag}
-
-    def _lost_leases(self, running: list[GenerationJob]) -> set[str]:
-        """Held jobs whose lease a reaper took (this process was stopped or stalled past its
-        lease): another worker re-runs them, so this one drops them without a word to the API or
-        to RQ. Checked before each renewal, so a stalled worker finds out before it publishes."""
-        held = [self.held[job.request_id] for job in running if job.request_id in self.held]
-        if not held:
-            return set()
-        pipe = self.redis.pipeline(transaction=False)
-        for h in held:
-            pipe.zscore(self.started_registry.key, h.execution.composite_key)
-        lost = {h.job.request_id for h, score in zip(held, pipe.execute()) if score is None}
-        for rid in lost:
-            log.warning("job %s: lease lost (this worker stalled past --lease-ttl); dropping it", rid)
-        self.lost |= lost
-        return lost
+        return refused | {job.request_id for job, flag in zip(running, flags) if flag}
 
     def _maybe_reap(self) -> None:
         """Every few seconds, recover jobs of dead workers (any live worker does it)."""
