@@ -109,14 +109,20 @@ class StreamEvent:
     error: str | None = None
 
 
-def interpret_tgi(data: str) -> StreamEvent:
-    """A TGI `/generate_stream` event: token, final (token + generated_text) or error."""
+def _json_object(data: str) -> dict | StreamEvent:
+    """The event's JSON object, or the StreamEvent that says why there is none."""
     try:
         obj = json.loads(data)
     except ValueError:
         return StreamEvent("error", error=f"not JSON: {data[:200]!r}")
-    if not isinstance(obj, dict):
-        return StreamEvent("other")
+    return obj if isinstance(obj, dict) else StreamEvent("other")
+
+
+def interpret_tgi(data: str) -> StreamEvent:
+    """A TGI `/generate_stream` event: token, final (token + generated_text) or error."""
+    obj = _json_object(data)
+    if isinstance(obj, StreamEvent):
+        return obj
     if "error" in obj:
         return StreamEvent("error", error=f"{obj.get('error_type', '?')}: {obj.get('error')}")
     token = obj.get("token") or {}
@@ -139,12 +145,9 @@ def interpret_openai(data: str) -> StreamEvent:
     """
     if data.strip() == "[DONE]":
         return StreamEvent("done")
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        return StreamEvent("error", error=f"not JSON: {data[:200]!r}")
-    if not isinstance(obj, dict):
-        return StreamEvent("other")
+    obj = _json_object(data)
+    if isinstance(obj, StreamEvent):
+        return obj
     if "error" in obj:
         err = obj["error"]
         return StreamEvent("error", error=str(err.get("message", err)) if isinstance(err, dict) else str(err))

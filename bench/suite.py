@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import stats
 from .client import run_load
@@ -208,6 +208,19 @@ def _run_raw(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---- report --------------------------------------------------------------------------------------
 
+def _run_stack(res: dict[str, Any], stack: TgqStack, key: str, rss_label: str,
+               measure: Callable[[TgqStack], dict[str, Any]]) -> None:
+    """Start `stack`, store `measure(stack)` as res[key] and its workers' peak RSS; always stop it."""
+    try:
+        stack.start()
+        res[key] = measure(stack)
+        res["peak_rss_mib"][rss_label] = _rss_round(stack.peak_rss_mib())
+    except RuntimeError as exc:
+        res["errors"].append(f"{key} stack: {exc}")
+    finally:
+        stack.stop(res["errors"])
+
+
 def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"config": {
         "model": args.model, "dtype": args.dtype, "threads": args.threads, "concurrency": args.concurrency,
@@ -223,30 +236,21 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         if res["raw"].get("peak_rss_mib"):
             res["peak_rss_mib"]["raw loop process"] = round(res["raw"]["peak_rss_mib"], 1)
     top = [max(args.concurrency)]
+    def measure_tgq(stack: TgqStack) -> dict[str, Any]:
+        _warm_up(args, stack.url, "tgi")
+        return _measure_stack(args, stack, args.concurrency, args.rounds, args.deadline)
+
+    def measure_naive(stack: TgqStack) -> dict[str, Any]:
+        _load(args, stack.url, "tgi", 1, 1, 120, new_tokens=8)
+        return _measure_stack(args, stack, args.concurrency, 0, args.window)
+
     if "tgq" not in skip:
-        stack = TgqStack(args, "tgq", 1, args.threads)
-        try:
-            _say(f"tgq: 1 worker, {args.threads} thread(s)")
-            stack.start()
-            _warm_up(args, stack.url, "tgi")
-            res["tgq"] = _measure_stack(args, stack, args.concurrency, args.rounds, args.deadline)
-            res["peak_rss_mib"]["tgq worker"] = _rss_round(stack.peak_rss_mib())
-        except RuntimeError as exc:
-            res["errors"].append(f"tgq stack: {exc}")
-        finally:
-            stack.stop(res["errors"])
+        _say(f"tgq: 1 worker, {args.threads} thread(s)")
+        _run_stack(res, TgqStack(args, "tgq", 1, args.threads), "tgq", "tgq worker", measure_tgq)
     if "naive" not in skip:
-        stack = TgqStack(args, "naive", 1, args.threads, naive=True)
-        try:
-            _say(f"naive baseline: 1 worker, {args.threads} thread(s), {args.window:.0f} s window per run")
-            stack.start()
-            _load(args, stack.url, "tgi", 1, 1, 120, new_tokens=8)
-            res["naive"] = _measure_stack(args, stack, args.concurrency, 0, args.window)
-            res["peak_rss_mib"]["naive worker"] = _rss_round(stack.peak_rss_mib())
-        except RuntimeError as exc:
-            res["errors"].append(f"naive stack: {exc}")
-        finally:
-            stack.stop(res["errors"])
+        _say(f"naive baseline: 1 worker, {args.threads} thread(s), {args.window:.0f} s window per run")
+        _run_stack(res, TgqStack(args, "naive", 1, args.threads, naive=True), "naive", "naive worker",
+                   measure_naive)
     if "scale" not in skip:
         res["scaleout"] = {}
         for n in (1, 2):
