@@ -160,10 +160,10 @@ class NaiveRunner:
             try:
                 jobs.step_done([err], [job])
             finally:
-                jobs.finished(job, err)
+                jobs.finished([(job, err)])
             return
         # A final event was published (FinalEvent), or the client went away (None: RQ records it cancelled).
-        jobs.finished(job, state["final"])
+        jobs.finished([(job, state["final"])])
 
     def _on_token(self, job: Any, token_id: int, state: dict[str, Any], started_at: float, prefill: tuple) -> None:
         if state["halt"]:

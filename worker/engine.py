@@ -36,8 +36,8 @@ class EventSink(Protocol):
     def step_done(self, events: list[Event], running: list[GenerationJob]) -> set[str]: ...
     # called once per step with ALL of the step's events (token, final, error) and the rows still running;
     # publishes the events, renews leases, and returns the request_ids (among running) that were cancelled. One round trip.
-    def finished(self, job: GenerationJob, event: FinalEvent | ErrorEvent | None) -> None: ...
-    # a row left the batch: final/error result, or None when it was dropped because it was cancelled
+    def finished(self, leaving: Sequence[tuple[GenerationJob, FinalEvent | ErrorEvent | None]]) -> None: ...
+    # called once per step with every job that left: its final/error event, or None when it was cancelled
 
 
 Leaving = list[tuple[GenerationJob, "FinalEvent | ErrorEvent | None"]]
@@ -90,8 +90,8 @@ class Engine:
             cancelled = self.sink.step_done(events, held)
             self._drop_cancelled(cancelled, leaving)
         self._retire()
-        for job, event in leaving:
-            self.sink.finished(job, event)
+        if leaving:
+            self.sink.finished(leaving)
         return bool(events or self.held_jobs())
 
     def held_jobs(self) -> list[GenerationJob]:

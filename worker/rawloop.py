@@ -56,7 +56,7 @@ class _NullSink:
     def step_done(self, events: list, running: list) -> set[str]:
         return set()
 
-    def finished(self, job: GenerationJob, event: object) -> None:
+    def finished(self, leaving: list) -> None:
         return None
 
 

@@ -5,10 +5,13 @@ resident model and runs many jobs in one batch, so it uses RQ for what RQ is goo
 job hashes, the started/finished/failed/canceled registries, worker registration, so `rq info` and
 rq-dashboard tell the truth — and drives those transitions itself:
 
-  fetch:    LMOVE a job id off the queue (non-blocking), create its Execution, mark it started.
+  fetch:    one script moves waiting job ids to RQ's intermediate queue and reads their hashes and
+            cancel flags; one pipeline marks them all started (`worker.rq_bookkeeping`).
   step:     one pipeline per step publishes every row's events, renews the rows' leases (at most
             once a second), reads their cancel flags and adds the batch metrics.
-  finished: RQ's own success/failure handlers; cancelled rows end up in the canceled registry.
+  finished: one pipeline records every row that left in the step: finished, failed or canceled.
+
+So a step costs at most four round trips however many jobs join or leave in it.
 
 A lease is the job's entry in RQ's started registry with a short expiry (`lease_ttl`); the reaper
 (`common.reaper`, run by every worker and API process) re-queues jobs whose lease expired because
@@ -21,21 +24,22 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import redis
 from rq import Queue, SimpleWorker
-from rq.exceptions import DequeueTimeout, DeserializationError
+from rq.exceptions import DeserializationError
 from rq.executions import Execution
-from rq.job import Job, JobStatus
-from rq.registry import CanceledJobRegistry, FailedJobRegistry, StartedJobRegistry
-from rq.results import Result
+from rq.job import Job
+from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
-from rq.utils import now
+from rq.worker import WorkerStatus
 
 from common import protocol
 from common.reaper import reap_expired, reap_stranded
 from common.schemas import ErrorEvent, Event, FinalEvent, GenerationJob
+
+from .rq_bookkeeping import TAKE_JOBS, mark_canceled, mark_failed, mark_started, mark_succeeded, restore_job
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -106,8 +110,11 @@ class RedisJobs:
         self.started_registry = StartedJobRegistry(queue.name, connection, serializer=JSONSerializer)
         self.held: dict[str, Running] = {}
         self.lost: set[str] = set()  # held jobs whose lease was reaped; dropped at the next step
-        self._fenced_publish = connection.register_script(FENCED_PUBLISH)
-        self._stash: list[tuple[Job, Queue]] = []
+        # Called by hash inside the step pipeline. (redis-py's Script objects would make every
+        # pipeline that holds one ask SCRIPT EXISTS first: a second round trip per step.)
+        self._fence_sha = ""
+        self._stash: list[str] = []  # ids a blocking wait moved to the intermediate queue
+        self._take_jobs = connection.register_script(TAKE_JOBS)
         self._renew_every_s = renew_every_s
         self._last_renewal = 0.0
         self._batch_key = protocol.worker_batch_key(model_id, worker.name)
@@ -124,25 +131,56 @@ class RedisJobs:
 
     # ---- RequestSource -------------------------------------------------------------------
     def fetch(self, max_jobs: int) -> list[GenerationJob]:
+        """Take up to `max_jobs` waiting jobs and mark them started: two round trips for any number."""
+        if max_jobs <= 0 or (self._waiting_hint <= 0 and not self._stash):
+            return []
         return retry_redis(lambda: self._fetch(max_jobs), "fetch")
 
     def _fetch(self, max_jobs: int) -> list[GenerationJob]:
-        taken: list[GenerationJob] = []
-        while len(taken) < max_jobs:
-            if self._stash:
-                rq_job, queue = self._stash.pop(0)
-            else:
-                if self._waiting_hint <= 0:
-                    break
-                popped = Queue.dequeue_any([self.queue], None, connection=self.redis, serializer=JSONSerializer)
-                if popped is None:
-                    self._waiting_hint = 0
-                    break
-                rq_job, queue = popped
-            job = self._take(rq_job)
-            if job is not None:
-                taken.append(job)
-        return taken
+        earlier, self._stash = self._stash[:max_jobs], self._stash[max_jobs:]
+        more = max_jobs - len(earlier)
+        taken, waiting = self._take_jobs(keys=[self.queue.key, self.queue.intermediate_queue_key],
+                                         args=[more, Job.redis_job_namespace_prefix,
+                                               protocol.cancel_key(""), *earlier])
+        self._waiting_hint = int(waiting)
+        if not taken:
+            return []
+        started: list[GenerationJob] = []
+        with self.redis.pipeline() as pipe:
+            for raw_id, cancelled, fields in taken:
+                rq_job = restore_job(raw_id.decode(), fields, self.queue)
+                if cancelled:  # the client left (or its deadline passed) while it waited: never run it
+                    mark_canceled(pipe, self.worker, self.queue, rq_job, None)
+                    continue
+                job = self._decode(rq_job, pipe)
+                if job is not None:
+                    execution = mark_started(pipe, self.worker, self.queue, rq_job, self.worker.lease_ttl)
+                    self.held[job.request_id] = Running(job, rq_job, execution)
+                    started.append(job)
+            if started:
+                self.worker.set_state(WorkerStatus.BUSY, pipeline=pipe)
+            pipe.execute()
+        return started
+
+    def _decode(self, rq_job: Job, pipe: redis.client.Pipeline) -> GenerationJob | None:
+        """The job's payload, or None after failing it (a payload that is not a tgq job)."""
+        raw: object = None
+        try:  # JSON only (RQ's JSONSerializer): a pickled payload fails to decode, it is never unpickled
+            raw = rq_job.args[0]
+            payload = dict(raw)  # type: ignore[call-overload]
+            payload["attempt"] = attempt_of(rq_job)
+            job = GenerationJob.from_dict(payload)
+        except (DeserializationError, IndexError, KeyError, TypeError, ValueError) as exc:
+            reason = f"invalid job payload: {exc!r}"
+            log.error("job %s: %s", rq_job.id, reason)
+            mark_failed(pipe, self.worker, self.queue, rq_job, None, reason)
+            reply_to = raw.get("reply_to") if isinstance(raw, dict) else None
+            if isinstance(reply_to, str):  # answer the request if the payload says where
+                event = ErrorEvent(rq_job.id, attempt_of(rq_job), reason, "generation")
+                pipe.publish(reply_to, protocol.encode_event(event))
+            return None
+        rq_job.meta["max_attempts"] = self.max_attempts  # the reaper counts runs against the taker's limit
+        return job
 
     def wait(self, timeout: float) -> None:
         """Block on the queue for up to `timeout` s; a job that arrives is kept for the next fetch."""
@@ -153,13 +191,9 @@ class RedisJobs:
         if self._stash:
             return
         self.redis.set(self._batch_key, 0, ex=self._batch_key_ttl_s)  # idle: no rows held
-        try:
-            popped = Queue.dequeue_any([self.queue], max(1, int(timeout)), connection=self.redis,
-                                       serializer=JSONSerializer)
-        except DequeueTimeout:
-            popped = None
+        popped = self.redis.blmove(self.queue.key, self.queue.intermediate_queue_key, max(1, int(timeout)))
         if popped is not None:
-            self._stash.append(popped)
+            self._stash.append(popped.decode())
             self._waiting_hint = 1  # a burst may be arriving: look again on the next fetch
         else:
             self.worker.heartbeat()
@@ -179,59 +213,25 @@ class RedisJobs:
                 pipe.execute()
             self.queue.enqueue_job(running.rq_job, at_front=True)
 
-    def _take(self, rq_job: Job) -> GenerationJob | None:
-        """Mark a dequeued job started and decode its payload; None if it must not run."""
-        if self.redis.lpos(self.queue.intermediate_queue_key, rq_job.id) is None:
-            # Held so long (a stopped process) that a reaper put it back on the queue: not ours.
-            log.warning("job %s: no longer ours (re-queued by a reaper); skipped", rq_job.id)
-            return None
-        if self.redis.exists(protocol.cancel_key(rq_job.id)):
-            # The client left (or its deadline passed) while the job waited: never run it.
-            self.redis.lrem(self.queue.intermediate_queue_key, 1, rq_job.id)
-            rq_job.cancel()
-            return None
-        raw: object = None
-        try:  # decoded before anything else touches the job: RQ itself would try and crash on it
-            raw = rq_job.args[0]  # JSON only (RQ's JSONSerializer): never unpickled
-            payload = dict(raw)  # type: ignore[call-overload]
-            payload["attempt"] = attempt_of(rq_job)
-            job = GenerationJob.from_dict(payload)
-        except (DeserializationError, IndexError, KeyError, TypeError, ValueError) as exc:
-            reply_to = raw.get("reply_to") if isinstance(raw, dict) else None
-            self._reject(rq_job, f"invalid job payload: {exc!r}", reply_to if isinstance(reply_to, str) else None)
-            return None
-        # The reaper counts runs against the limit of the worker that took the job.
-        rq_job.meta["max_attempts"] = self.max_attempts
-        rq_job.save_meta()
-        execution = self.worker.prepare_execution(rq_job)
-        self.worker.prepare_job_execution(rq_job, remove_from_intermediate_queue=True)
-        self.held[job.request_id] = Running(job, rq_job, execution)
-        return job
-
-    def _reject(self, rq_job: Job, reason: str, reply_to: str | None) -> None:
-        """Fail a job that cannot be decoded, without running it; answer its request if it says where."""
-        log.error("job %s: %s", rq_job.id, reason)
-        with self.redis.pipeline() as pipe:
-            pipe.lrem(self.queue.intermediate_queue_key, 1, rq_job.id)
-            rq_job.set_status(JobStatus.FAILED, pipeline=pipe)
-            FailedJobRegistry(self.queue.name, self.redis, serializer=JSONSerializer).add(
-                rq_job, ttl=rq_job.failure_ttl, exc_string=reason, pipeline=pipe)
-            Result.create_failure(rq_job, rq_job.failure_ttl, exc_string=reason, pipeline=pipe)
-            if reply_to is not None:
-                event = ErrorEvent(rq_job.id, attempt_of(rq_job), reason, "generation")
-                pipe.publish(reply_to, protocol.encode_event(event))
-            pipe.execute()
-
     # ---- EventSink -----------------------------------------------------------------------
     def step_done(self, events: list[Event], running: list[GenerationJob]) -> set[str]:
         """Publish the step's events, read the rows' cancel flags, renew leases: one round trip.
 
         During a Redis outage the loop waits here (re-sending is harmless: the API drops token
         indexes it already relayed)."""
-        return retry_redis(lambda: self._step_done(events, running), "step")
+        def attempt() -> set[str]:
+            try:
+                return self._step_done(events, running)
+            except redis.exceptions.NoScriptError:  # Redis restarted and lost its script cache
+                self._fence_sha = ""
+                return self._step_done(events, running)
+
+        return retry_redis(attempt, "step")
 
     def _step_done(self, events: list[Event], running: list[GenerationJob]) -> set[str]:
         renewing = time.monotonic() - self._last_renewal >= self._renew_every_s
+        if not self._fence_sha:
+            self._fence_sha = self.redis.script_load(FENCED_PUBLISH)
         pipe = self.redis.pipeline(transaction=False)
         for job in running:  # first, so their replies are results[:len(running)]
             pipe.exists(protocol.cancel_key(job.request_id))
@@ -242,9 +242,8 @@ class RedisJobs:
                 continue
             data = protocol.encode_event(event)
             keep_s = protocol.RESULT_TTL_S if isinstance(event, (FinalEvent, ErrorEvent)) else 0
-            self._fenced_publish(keys=[self.started_registry.key, held.job.reply_to,
-                                       protocol.result_key(event.request_id)],
-                                 args=[held.execution.composite_key, data, keep_s], client=pipe)
+            pipe.evalsha(self._fence_sha, 3, self.started_registry.key, held.job.reply_to,
+                         protocol.result_key(event.request_id), held.execution.composite_key, data, keep_s)
             fenced.append(event.request_id)
         if renewing:
             self._renew_leases(pipe, running)
@@ -266,8 +265,9 @@ class RedisJobs:
         if time.monotonic() - self._last_reap < self._reap_every_s:
             return
         self._last_reap = time.monotonic()
-        reap_expired(self.redis, self.queue, self.max_attempts)
-        reap_stranded(self.redis, self.queue)
+        requeued = reap_expired(self.redis, self.queue, self.max_attempts) + reap_stranded(self.redis, self.queue)
+        if requeued:
+            self._waiting_hint = 1  # jobs (maybe) went back on the queue
 
     def _add_metrics(self, pipe: redis.client.Pipeline) -> None:
         key = protocol.batch_metrics_key(self.model_id)
@@ -287,50 +287,47 @@ class RedisJobs:
                 held.execution.heartbeat(self.started_registry, ttl, pipeline=pipe)
         self.worker.heartbeat(self.worker.worker_ttl, pipeline=pipe)
 
-    def finished(self, job: GenerationJob, event: FinalEvent | ErrorEvent | None) -> None:
-        held = self.held.pop(job.request_id, None)
-        if job.request_id in self.lost:  # another worker owns the job now: leave RQ alone
-            self.lost.discard(job.request_id)
-            return
-        if held is not None:
-            retry_redis(lambda: self._finished(held, event), "finish")
+    def finished(self, leaving: Sequence[tuple[GenerationJob, FinalEvent | ErrorEvent | None]]) -> None:
+        """Record in RQ how the step's leaving rows ended: one round trip for all of them."""
+        ended: list[tuple[Running, FinalEvent | ErrorEvent | None]] = []
+        for job, event in leaving:
+            held = self.held.pop(job.request_id, None)
+            if job.request_id in self.lost:  # another worker owns the job now: leave RQ alone
+                self.lost.discard(job.request_id)
+            elif held is not None:
+                ended.append((held, event))
+        if ended:
+            retry_redis(lambda: self._finished(ended), "finish")
 
-    def _finished(self, held: Running, event: FinalEvent | ErrorEvent | None) -> None:
-        rq_job, execution = held.rq_job, held.execution
-        try:
-            if isinstance(event, FinalEvent):
-                rq_job.ended_at = now()
-                rq_job._result = {"generated_tokens": event.generated_tokens,
-                                  "finish_reason": event.finish_reason.value}
-                rq_job._status = JobStatus.FINISHED
-                self.worker.handle_job_success(rq_job, self.queue, self.started_registry, execution)
-            elif isinstance(event, ErrorEvent):
-                self._fail_rq(rq_job, execution, f"{event.error_type}: {event.message}")
-            else:
-                self._cancel_rq(rq_job, execution)
-        except redis.ResponseError:
-            log.exception("could not record the end of job %s in RQ", rq_job.id)
-
-    def _fail_rq(self, rq_job: Job, execution: Execution, reason: str) -> None:
-        rq_job.ended_at = now()
-        rq_job._status = JobStatus.FAILED
-        self.worker.handle_job_failure(rq_job, self.queue, self.started_registry, exc_string=reason,
-                                       execution=execution)
-
-    def _cancel_rq(self, rq_job: Job, execution: Execution) -> None:
+    def _finished(self, ended: list[tuple[Running, FinalEvent | ErrorEvent | None]]) -> None:
         with self.redis.pipeline() as pipe:
-            self.worker.cleanup_execution(rq_job, pipeline=pipe, execution=execution)
-            rq_job.set_status(JobStatus.CANCELED, pipeline=pipe)
-            CanceledJobRegistry(self.queue.name, self.redis, serializer=JSONSerializer).add(rq_job, pipeline=pipe)
-            pipe.execute()
+            for held, event in ended:
+                rq_job, execution = held.rq_job, held.execution
+                if isinstance(event, FinalEvent):
+                    mark_succeeded(pipe, self.worker, rq_job, execution,
+                                   {"generated_tokens": event.generated_tokens,
+                                    "finish_reason": event.finish_reason.value})
+                elif isinstance(event, ErrorEvent):
+                    mark_failed(pipe, self.worker, self.queue, rq_job, execution,
+                                f"{event.error_type}: {event.message}")
+                else:
+                    mark_canceled(pipe, self.worker, self.queue, rq_job, execution)
+            if not self.held:
+                self.worker.set_state(WorkerStatus.IDLE, pipeline=pipe)
+            try:
+                pipe.execute()
+            except redis.ResponseError:
+                log.exception("could not record the end of %d jobs in RQ", len(ended))
 
     def close(self) -> None:
         """On exit: a job popped by `wait` but never fetched goes back to the head of the queue."""
         def requeue_stash() -> None:
-            while self._stash:
-                rq_job, _ = self._stash.pop()
-                self.redis.lrem(self.queue.intermediate_queue_key, 1, rq_job.id)
-                self.queue.enqueue_job(rq_job, at_front=True)
-            self.redis.delete(self._batch_key)
+            with self.redis.pipeline() as pipe:
+                for job_id in reversed(self._stash):  # at the head, in their original order
+                    pipe.lrem(self.queue.intermediate_queue_key, 1, job_id)
+                    pipe.lpush(self.queue.key, job_id)
+                pipe.delete(self._batch_key)
+                pipe.execute()
+            self._stash.clear()
 
         retry_redis(requeue_stash, "close")

@@ -73,7 +73,7 @@ def test_fetch_publish_finish_moves_the_job_through_rq(conn):
     got = [sub.get_message(timeout=1) for _ in range(2)]
     assert [protocol.decode_event(m["data"]) for m in got] == events
     assert protocol.decode_event(conn.get(protocol.result_key(job.request_id))) == events[1]
-    jobs.finished(job, events[1])
+    jobs.finished([(job, events[1])])
     assert job.request_id in FinishedJobRegistry(queue=queue).get_job_ids()
     assert job.request_id not in StartedJobRegistry(queue=queue).get_job_ids()
 
@@ -84,7 +84,7 @@ def test_cancel_flag_is_reported_and_the_job_lands_in_canceled(conn):
     taken = jobs.fetch(4)
     conn.set(protocol.cancel_key(b.request_id), 1)
     assert jobs.step_done([], taken) == {b.request_id}
-    jobs.finished(b, None)
+    jobs.finished([(b, None)])
     assert b.request_id in CanceledJobRegistry(queue=queue).get_job_ids()
 
 
@@ -112,6 +112,7 @@ def test_expired_lease_is_requeued_then_failed_with_an_error_event(conn):
     time.sleep(2.2)
     assert reap_expired(conn, queue, max_attempts=2) == [job.request_id]
     assert queue.get_job_ids() == [job.request_id]
+    jobs.wait(1)  # what an idle engine does before it fetches
     [rerun] = jobs.fetch(1)
     assert rerun.attempt == 1
     sub = conn.pubsub()
@@ -123,3 +124,54 @@ def test_expired_lease_is_requeued_then_failed_with_an_error_event(conn):
     assert event.error_type == "incomplete_generation"
     assert job.request_id in FailedJobRegistry(queue=queue).get_job_ids()
     assert reap_expired(conn, queue, max_attempts=2) == []
+
+
+class CountingConnection(redis.Connection):
+    """A real connection that counts its sends: a command or a whole pipeline is one send."""
+    sends = 0
+
+    def send_packed_command(self, command, check_health=True):
+        CountingConnection.sends += 1
+        super().send_packed_command(command, check_health)
+
+
+def counted(fn) -> int:
+    before = CountingConnection.sends
+    fn()
+    return CountingConnection.sends - before
+
+
+@pytest.mark.parametrize("n", [1, 24])
+def test_round_trips_per_step_do_not_grow_with_the_batch(redis_url, n):
+    """Taking n jobs costs 2 round trips, a step publishing 2 events per row 1, retiring all n 1."""
+    pool = redis.ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
+    conn = redis.Redis(connection_pool=pool)
+    queue = Queue(protocol.queue_name("m"), connection=conn, serializer=JSONSerializer)
+    worker = BatchWorker([queue], connection=conn, name=f"counted-{n}", serializer=JSONSerializer)
+    worker.register_birth()
+    jobs = RedisJobs(conn, worker, queue, "m", reap_every_s=3600)
+    warm = enqueue(conn, queue)  # first use loads the Lua scripts: not what is measured
+    [warm_job] = jobs.fetch(1)
+    jobs.step_done([final(warm_job)], [])
+    jobs.finished([(warm_job, final(warm_job))])
+
+    batch = [enqueue(conn, queue) for _ in range(n)]
+    jobs.step_done([], [])  # an idle step sees the queue length
+    taken: list[GenerationJob] = []
+    assert counted(lambda: taken.extend(jobs.fetch(n))) == 2
+    assert taken == batch
+    events = [e for j in taken for e in (TokenEvent(j.request_id, 0, 0, Token(4, "y", -0.1, False)), final(j))]
+    assert counted(lambda: jobs.step_done(events, taken)) == 1
+    assert counted(lambda: jobs.finished([(j, final(j)) for j in taken])) == 1
+
+    ids = {j.request_id for j in batch}
+    assert ids <= set(FinishedJobRegistry(queue=queue).get_job_ids())
+    assert StartedJobRegistry(queue=queue).get_job_ids() == []
+    assert queue.get_job_ids() == [] and conn.llen(queue.intermediate_queue_key) == 0
+    for rid in ids:
+        rq_job = Job.fetch(rid, connection=conn, serializer=JSONSerializer)
+        assert rq_job.get_status() == JobStatus.FINISHED
+        assert rq_job.latest_result().return_value == {"generated_tokens": 2, "finish_reason": "length"}
+    worker.refresh()
+    assert worker.successful_job_count == n + 1
+    pool.disconnect()

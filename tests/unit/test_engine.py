@@ -48,8 +48,9 @@ class RecordingSink:
         self.steps.append((list(events), [j.request_id for j in running]))
         return self.cancel_at.get(len(self.steps) - 1, set())
 
-    def finished(self, job, event):
-        self.finished_calls.append((len(self.steps) - 1, job.request_id, event))
+    def finished(self, leaving):
+        assert leaving, "finished() is called only when some job left"
+        self.finished_calls.extend((len(self.steps) - 1, job.request_id, event) for job, event in leaving)
 
     def events_for(self, rid):
         return [e for evs, _ in self.steps for e in evs if e.request_id == rid]
