@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Any
 
 
-
 def _fmt_ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1000:.0f}ms"
 
@@ -47,6 +46,8 @@ def format_table(res: dict[str, Any]) -> str:
               "(prefill excluded); tgq, naive, llama: generated tok/s seen by C streaming clients (wall clock, "
               "prefill and HTTP included). batch: largest tgi_batch_current_size sampled. RT/step: the worker's "
               "Redis round trips (TCP data segments it sent, from ss) per prefill/decode step."]
+    if res.get("llamacpp_server"):
+        lines.append(f"llama: {res['llamacpp_server']}")
     scale = res.get("scaleout") or {}
     if scale:
         lines.append("")

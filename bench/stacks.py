@@ -235,23 +235,45 @@ class TgqStack:
             shutil.rmtree(self.redis_dir, ignore_errors=True)
 
 
-class LlamaCppServer:
-    """`python -m llama_cpp.server` on one GGUF (interrupt_requests off: it would abort concurrent streams)."""
+DEFAULT_LLAMA_SERVER = Path.home() / ".cache" / "tgq" / "llama.cpp" / "build" / "bin" / "llama-server"
 
-    def __init__(self, args: argparse.Namespace, label: str, gguf: Path) -> None:
+
+class LlamaCppServer:
+    """llama.cpp's server on one GGUF.
+
+    With `binary` (llama.cpp's C++ `llama-server`, built by scripts/build_llama_server.sh): one slot
+    per client (`-np`), continuous batching. Without: `python -m llama_cpp.server` from
+    llama-cpp-python, which serves one request at a time (interrupt_requests off: it would abort
+    concurrent streams)."""
+
+    def __init__(self, args: argparse.Namespace, label: str, gguf: Path, binary: Path | None = None,
+                 slots: int = 1) -> None:
         self.args, self.label, self.gguf = args, label, gguf
+        self.binary, self.slots = binary, slots
         self.child: Child | None = None
         self.url = ""
+
+    @property
+    def batching(self) -> bool:
+        return self.binary is not None
 
     def start(self) -> LlamaCppServer:
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
         n_ctx = max(2048, self.args.prompt_tokens + self.args.new_tokens + 64)
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf), "--host", "127.0.0.1",
-               "--port", str(port), "--n_threads", str(self.args.threads), "--n_threads_batch",
-               str(self.args.threads), "--n_ctx", str(n_ctx), "--interrupt_requests", "False"]
+        threads = str(self.args.threads)
+        if self.binary is not None:  # the context is split evenly between the slots
+            cmd = [str(self.binary), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(port),
+                   "-np", str(self.slots), "-c", str(self.slots * n_ctx), "-t", threads, "-tb", threads,
+                   "--cont-batching", "--no-webui"]
+            ready = "/health"
+        else:
+            cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf), "--host", "127.0.0.1",
+                   "--port", str(port), "--n_threads", threads, "--n_threads_batch", threads,
+                   "--n_ctx", str(n_ctx), "--interrupt_requests", "False"]
+            ready = "/v1/models"
         self.child = Child(self.label, cmd, self.args.out / "logs")
-        _wait_until(lambda: _http_ok(self.url + "/v1/models"), [self.child], 300, "llama.cpp's server")
+        _wait_until(lambda: _http_ok(self.url + ready), [self.child], 300, "llama.cpp's server")
         return self
 
     def peak_rss_mib(self) -> float | None:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 from . import stats
 from .client import run_load
 from .report import _fmt_ms, _rss_round, format_table
-from .stacks import RESULTS, ROOT, LlamaCppServer, TgqStack, proc_status_kb
+from .stacks import DEFAULT_LLAMA_SERVER, RESULTS, ROOT, LlamaCppServer, TgqStack, proc_status_kb
 
 
 
@@ -122,7 +122,10 @@ def _measure_llama(args: argparse.Namespace, server: LlamaCppServer, concurrenci
     for c in concurrencies:
         runs = []
         for rep in range(args.repeats):
-            res = _load(args, server.url, "openai", c, max(2, c), args.window)
+            if server.batching:  # a batching server runs the same requests as tgq, to the end
+                res = _load(args, server.url, "openai", c, max(1, c * args.rounds), args.deadline)
+            else:
+                res = _load(args, server.url, "openai", c, max(2, c), args.window)
             if res["cut_at_deadline"]:
                 _settle(args, server.url, "openai")
             runs.append(res)
@@ -277,11 +280,20 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_llamacpp(args: argparse.Namespace, res: dict[str, Any]) -> None:
-    try:
-        import llama_cpp.server  # noqa: F401
-    except ImportError as exc:
-        res["errors"].append(f"--llamacpp: llama-cpp-python[server] is not installed ({exc})")
-        return
+    binary: Path | None = Path(args.llama_server) if args.llama_server else DEFAULT_LLAMA_SERVER
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        if args.llama_server:
+            res["errors"].append(f"--llama-server: {binary} is not an executable")
+            return
+        binary = None
+        try:
+            import llama_cpp.server  # noqa: F401
+        except ImportError as exc:
+            res["errors"].append("--llamacpp: neither llama.cpp's llama-server (scripts/build_llama_server.sh) "
+                                 f"nor llama-cpp-python[server] is installed ({exc})")
+            return
+    res["llamacpp_server"] = "llama-server (C++), continuous batching" if binary else \
+        "llama-cpp-python server (one request at a time)"
     from common import model_files
 
     source = model_files.resolve(args.model)
@@ -297,7 +309,7 @@ def _run_llamacpp(args: argparse.Namespace, res: dict[str, Any]) -> None:
     except Exception as exc:  # the Q4_1 comparison still runs
         res["errors"].append(f"bf16 GGUF: {type(exc).__name__}: {exc}")
     for key, path in ggufs.items():
-        server = LlamaCppServer(args, key, path)
+        server = LlamaCppServer(args, key, path, binary, slots=max(args.concurrency))
         try:
             _say(f"{key}: llama.cpp server on {path.name}, {args.threads} thread(s)")
             server.start()
@@ -329,7 +341,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--api-workers", type=int, default=1, help="gunicorn workers of the API")
     p.add_argument("--cache-dir", default="")
-    p.add_argument("--llamacpp", action="store_true", help="also llama-cpp-python's server (Q4_1 and bf16 GGUF)")
+    p.add_argument("--llamacpp", action="store_true",
+                   help="also llama.cpp's server on the Q4_1 and a bf16 GGUF: the C++ llama-server when built "
+                        "(scripts/build_llama_server.sh), else llama-cpp-python's")
+    p.add_argument("--llama-server", default="", help=f"path of llama-server (default {DEFAULT_LLAMA_SERVER})")
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: raw,tgq,naive,scale")
     p.add_argument("--progress", action="store_true", help="tqdm bars for every load run")
     p.add_argument("--out", type=Path, default=RESULTS)
