@@ -178,7 +178,10 @@ async def _run_async(url: str, api: str, clients: int, prompt_tokens: int, new_t
 
     target = endpoint(api, url)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=900)
-    connector = aiohttp.TCPConnector(limit=clients + 4, force_close=False)
+    # A fresh connection per request, for every server alike: llama.cpp's server drops idle kept-alive
+    # connections, and a reused one fails with "Can not write request body" (a loopback connect costs
+    # well under a millisecond).
+    connector = aiohttp.TCPConnector(limit=clients + 4, force_close=True)
     results: list[RequestResult] = []
     counter = itertools.count()
     bar = None

@@ -77,22 +77,31 @@ class Engine:
         """Admit, prefill, decode once, publish the step's events, retire rows. True if any work is held."""
         events: list[Event] = []
         leaving: Leaving = []
+        worked = False
         self._fetch(events, leaving)
         admitted = [e.item for e in self.scheduler.admit()] if self.admitting else []
         if admitted:
             self._prefill(admitted, events, leaving)
+            if events and self.batch is not None:
+                # The newcomers' first tokens go out now, not after the decode step below: time to
+                # first token is the prefill, not the prefill plus a step of the whole batch.
+                self._publish(events, leaving)
+                worked, events = True, []
         if self.batch is not None:
             self._decode_step(events, leaving)
         else:
             self.metrics.set_current_size(0)
-        held = self.held_jobs()
-        if events or held:
-            cancelled = self.sink.step_done(events, held)
-            self._drop_cancelled(cancelled, leaving)
-        self._retire()
+        if events or self.held_jobs():
+            self._publish(events, leaving)
         if leaving:
             self.sink.finished(leaving)
-        return bool(events or self.held_jobs())
+        return worked or bool(events or self.held_jobs())
+
+    def _publish(self, events: list[Event], leaving: Leaving) -> None:
+        """Hand the events to the sink (one round trip) and retire the rows that finished or were cancelled."""
+        cancelled = self.sink.step_done(events, self.held_jobs())
+        self._drop_cancelled(cancelled, leaving)
+        self._retire()
 
     def held_jobs(self) -> list[GenerationJob]:
         """Jobs this engine holds and has not finished: unfinished batch rows, then the local waiting list."""

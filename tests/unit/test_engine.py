@@ -40,17 +40,27 @@ class ScriptedSource:
 
 class RecordingSink:
     def __init__(self) -> None:
-        self.steps: list[tuple[list, list[str]]] = []
-        self.finished_calls: list[tuple[int, str, object]] = []
-        self.cancel_at: dict[int, set[str]] = {}
+        self.steps: list[tuple[list, list[str]]] = []  # each publish: (events, ids of the jobs held)
+        self.at: list[int] = []  # the engine step of each publish
+        self.finished_calls: list[tuple[int, str, object]] = []  # (engine step, request id, event)
+        self.cancel_at: dict[int, set[str]] = {}  # engine step -> ids reported cancelled
+        self.clock = lambda: len(self.steps) - 1  # the engine step now (run_engine sets it)
 
     def step_done(self, events, running):
         self.steps.append((list(events), [j.request_id for j in running]))
-        return self.cancel_at.get(len(self.steps) - 1, set())
+        self.at.append(self.clock())
+        return self.cancel_at.get(self.clock(), set())
 
     def finished(self, leaving):
         assert leaving, "finished() is called only when some job left"
-        self.finished_calls.extend((len(self.steps) - 1, job.request_id, event) for job, event in leaving)
+        self.finished_calls.extend((self.clock(), job.request_id, event) for job, event in leaving)
+
+    def by_step(self) -> dict[int, tuple[list, list[str]]]:
+        """Engine step -> (every event published in it, the jobs held at its last publish)."""
+        out: dict[int, tuple[list, list[str]]] = {}
+        for step, (events, running) in zip(self.at, self.steps):
+            out[step] = (out.get(step, ([], []))[0] + events, running)
+        return out
 
     def events_for(self, rid):
         return [e for evs, _ in self.steps for e in evs if e.request_id == rid]
@@ -67,6 +77,7 @@ def job(rid, prompt, n=8, want_tokens=True, **sampling) -> GenerationJob:
 def run_engine(loaded, arrivals, settings=None, sink=None, max_steps=200):
     source = ScriptedSource(arrivals)
     sink = sink or RecordingSink()
+    sink.clock = lambda: source.step - 1  # tick() runs just before each engine step
     eng = Engine(loaded, settings or WorkerSettings(max_batch_size=8, waiting_served_ratio=0.0),
                  LimitSettings(), source, sink, EngineMetrics(8))
     for _ in range(max_steps):
@@ -135,18 +146,29 @@ def test_tokens_and_prefill_only_when_asked(tiny_loaded):
 def test_rows_leave_on_the_step_they_finish_and_newcomers_join(tiny_loaded):
     arrivals = {0: [job("short", PROMPTS[0], n=2), job("long", PROMPTS[1], n=9)], 3: [job("late", PROMPTS[2], n=4)]}
     _, _, sink = run_engine(tiny_loaded, arrivals)
+    steps = sink.by_step()
     final_step = {r: s for s, r, _ in sink.finished_calls}
     for rid in ("short", "long", "late"):
         step = final_step[rid]
-        events, running = sink.steps[step]
+        events, running = steps[step]
         assert any(isinstance(e, FinalEvent) and e.request_id == rid for e in events)
         assert rid not in running
-        assert all(rid not in r for _, r in sink.steps[step + 1:])
-    # "long" kept streaming without a gap while "late" joined (no restart of the batch).
-    long_steps = [s for s, (evs, _) in enumerate(sink.steps) if any(e.request_id == "long" for e in evs)]
+        assert all(rid not in r for s, (_, r) in steps.items() if s > step)
+    # "long" kept streaming, one token a step, while "late" joined (no restart of the batch).
+    long_steps = [s for s, (evs, _) in steps.items() if any(e.request_id == "long" for e in evs)]
     assert long_steps == list(range(long_steps[0], long_steps[-1] + 1))
-    late_steps = [s for s, (evs, _) in enumerate(sink.steps) if any(e.request_id == "late" for e in evs)]
+    late_steps = [s for s, (evs, _) in steps.items() if any(e.request_id == "late" for e in evs)]
     assert late_steps[0] > long_steps[0] and late_steps[0] < long_steps[-1]
+
+
+def test_a_newcomers_first_token_goes_out_before_the_batch_decodes(tiny_loaded):
+    arrivals = {0: [job("long", PROMPTS[1], n=9)], 3: [job("late", PROMPTS[2], n=4)]}
+    _, _, sink = run_engine(tiny_loaded, arrivals)
+    publishes = [(evs, running) for step, (evs, running) in zip(sink.at, sink.steps) if step == 3]
+    assert len(publishes) == 2  # the prefill's first token, then the decode step of both rows
+    (first, held), (second, _) = publishes
+    assert [(e.request_id, e.index) for e in first] == [("late", 0)] and set(held) == {"long", "late"}
+    assert sorted((e.request_id, e.index) for e in second) == [("late", 1), ("long", 4)]  # long: prefill + decode in step 0
 
 
 def test_cancellation_drops_a_row_within_one_step(tiny_loaded):
@@ -155,8 +177,9 @@ def test_cancellation_drops_a_row_within_one_step(tiny_loaded):
     arrivals = {0: [job("victim", PROMPTS[0], n=20), job("other", PROMPTS[2], n=8)]}
     _, _, sink = run_engine(tiny_loaded, arrivals, sink=sink)
     assert (2, "victim", None) in sink.finished_calls
-    assert all("victim" not in running for _, running in sink.steps[3:])
-    assert not any(e.request_id == "victim" for evs, _ in sink.steps[3:] for e in evs)
+    later = [p for step, p in zip(sink.at, sink.steps) if step > 2]
+    assert later and all("victim" not in running for _, running in later)
+    assert not any(e.request_id == "victim" for evs, _ in later for e in evs)
     assert len(generated_ids(sink, "other")) == 8
 
 
