@@ -46,6 +46,12 @@ def format_table(res: dict[str, Any]) -> str:
               "(prefill excluded); tgq, naive, llama: generated tok/s seen by C streaming clients (wall clock, "
               "prefill and HTTP included). batch: largest tgi_batch_current_size sampled. RT/step: the worker's "
               "Redis round trips (TCP data segments it sent, from ss) per prefill/decode step."]
+    mem = res.get("memory") or {}
+    if mem:
+        lines.append(f"memory: {mem.get('completed')} streams of ~{mem.get('prompt_tokens')}+{mem.get('new_tokens')} "
+                     f"tokens, errors {mem.get('errors')}, batch max {mem.get('batch_max')}, "
+                     f"{_fmt(mem.get('tokens_per_s'))} tok/s, worker peak RSS "
+                     f"{(res.get('peak_rss_mib') or {}).get('tgq worker, long rows')} MiB")
     if res.get("llamacpp_server"):
         lines.append(f"llama: {res['llamacpp_server']}")
     scale = res.get("scaleout") or {}

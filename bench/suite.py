@@ -6,6 +6,8 @@ With one model, dtype and thread count throughout:
   tgq     private redis-server + `tgq worker` + `tgq api` on loopback, driven by `bench.client` with
           C concurrent streaming clients x --new-tokens;
   naive   the same API and Redis with `bench.naive_worker` (model.generate, one request at a time);
+  memory  one tgq run at the largest concurrency with rows of 1512 tokens (the default limits), for
+          the worker's peak RSS;
   scale   1 vs 2 tgq workers at --threads 1 (at the largest concurrency);
   llama   (--llamacpp) llama-cpp-python's server on the shipped Q4_1 GGUF and on a bf16 GGUF of the same
           weights (`bench.gguf_bf16`), driven by the same client through /v1/completions.
@@ -224,6 +226,12 @@ def _run_stack(res: dict[str, Any], stack: TgqStack, key: str, rss_label: str,
         stack.stop(res["errors"])
 
 
+# The memory check: rows as long as the default limits allow (max_input_length 1000, max_total_tokens
+# 1512); the generated prompt of ~980 tokens is 979 tokens long, so 979 + 533 = 1512.
+MEMORY_PROMPT_TOKENS = 980
+MEMORY_NEW_TOKENS = 533
+
+
 def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"config": {
         "model": args.model, "dtype": args.dtype, "threads": args.threads, "concurrency": args.concurrency,
@@ -250,6 +258,19 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     if "tgq" not in skip:
         _say(f"tgq: 1 worker, {args.threads} thread(s)")
         _run_stack(res, TgqStack(args, "tgq", 1, args.threads), "tgq", "tgq worker", measure_tgq)
+    if "memory" not in skip:
+        new = 32 if args.quick else MEMORY_NEW_TOKENS
+        _say(f"memory: {top[0]} clients x ~{MEMORY_PROMPT_TOKENS}-token prompts + {new} new tokens, one run")
+
+        def measure_memory(stack: TgqStack) -> dict[str, Any]:
+            out = run_load(stack.url, api="tgi", clients=top[0], prompt_tokens=MEMORY_PROMPT_TOKENS, new_tokens=new,
+                           requests=top[0], hard_deadline_s=max(args.deadline, 900.0), progress=args.progress)
+            picked = {k: out.get(k) for k in ("completed", "errors", "error_messages", "tokens_per_s", "ttft_s",
+                                              "itl_s", "new_tokens", "prompt_tokens")}
+            picked["batch_max"] = ((out.get("server") or {}).get("batch_current_size") or {}).get("max")
+            return picked
+
+        _run_stack(res, TgqStack(args, "memory", 1, args.threads), "memory", "tgq worker, long rows", measure_memory)
     if "naive" not in skip:
         _say(f"naive baseline: 1 worker, {args.threads} thread(s), {args.window:.0f} s window per run")
         _run_stack(res, TgqStack(args, "naive", 1, args.threads, naive=True), "naive", "naive worker",
@@ -345,7 +366,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also llama.cpp's server on the Q4_1 and a bf16 GGUF: the C++ llama-server when built "
                         "(scripts/build_llama_server.sh), else llama-cpp-python's")
     p.add_argument("--llama-server", default="", help=f"path of llama-server (default {DEFAULT_LLAMA_SERVER})")
-    p.add_argument("--skip", default="", help="comma-separated parts to leave out: raw,tgq,naive,scale")
+    p.add_argument("--skip", default="", help="comma-separated parts to leave out: raw,tgq,memory,naive,scale")
     p.add_argument("--progress", action="store_true", help="tqdm bars for every load run")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--raw-child", action="store_true", help=argparse.SUPPRESS)

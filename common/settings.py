@@ -134,7 +134,9 @@ class WorkerSettings:
     max_batch_size: int = _opt(32, "most rows decoded together")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
     max_batch_total_tokens: int = _opt(0, "token budget of the running batch (0: max_batch_size * max_total_tokens)")
-    max_batch_prefill_tokens: int = _opt(4096, "most prompt tokens prefilled in one step")
+    max_batch_prefill_tokens: int = _opt(4096, "most prompt tokens admitted (and prefilled) at once")
+    prefill_chunk_tokens: int = _opt(512, "while rows decode, most prompt tokens prefilled between two decode "
+                                          "steps (0: whole prompts in one go)")
     waiting_served_ratio: float = _opt(1.2, "admit waiting jobs while a batch runs once waiting >= ratio * running")
     max_waiting_tokens: int = _opt(20, "decode steps after which waiting jobs are admitted regardless")
     metrics_port: int = _opt(0, "port for this worker's Prometheus metrics (0: none)")
@@ -150,6 +152,8 @@ class WorkerSettings:
             raise SettingsError("`threads` must be >= 0")
         if self.max_batch_prefill_tokens < 1:
             raise SettingsError("`max_batch_prefill_tokens` must be >= 1")
+        if self.prefill_chunk_tokens < 0:
+            raise SettingsError("`prefill_chunk_tokens` must be >= 0")
         if self.lease_ttl < 2 or self.max_attempts < 1:
             raise SettingsError("`lease_ttl` must be >= 2 and `max_attempts` >= 1")
         if self.waiting_served_ratio < 0:

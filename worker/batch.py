@@ -200,17 +200,3 @@ def new_rows(jobs: Sequence[GenerationJob], eos_token_id: int | None, decode: Ca
                         generator=make_generator(job.sampling.seed) if job.sampling.sampling else None,
                         started_at=started_at))
     return rows
-
-
-def prefill_tokens(ids: Sequence[int], logits: torch.Tensor, decode_one: Callable[[int], str],
-                   chunk: int = 256) -> tuple[PrefillToken, ...]:
-    """TGI's prefill details: each prompt id with its raw log-probability given the ids before it."""
-    # logits [len(ids), V]: row j predicts id j+1. Chunked so a long prompt never holds [L, V] in fp32.
-    target = torch.tensor(list(ids[1:]), dtype=torch.long, device=logits.device)
-    values: list[float] = []
-    for start in range(0, len(ids) - 1, chunk):
-        part = logits[start:min(start + chunk, len(ids) - 1)].float()
-        picked = part.gather(1, target[start:start + chunk, None]).squeeze(1)
-        values.extend((picked - torch.logsumexp(part, dim=-1)).tolist())
-    logprobs: list[float | None] = [None, *values]
-    return tuple(PrefillToken(id=i, text=decode_one(i), logprob=lp) for i, lp in zip(ids, logprobs))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -14,11 +15,11 @@ import torch
 from common.schemas import ErrorEvent, Event, FinalEvent, GenerationJob
 from common.settings import LimitSettings, WorkerSettings
 
-from .batch import Batch, Row, new_rows, prefill_inputs, prefill_tokens
+from .batch import Batch, Row, new_rows
 from .detokenize import make_decoder
-from .kvcache import SlotCache
 from .metrics import EngineMetrics
 from .model import LoadedModel, forward
+from .prefill import PendingPrefill
 from .sampling import choose, make_generator
 from .scheduler import Budget, Entry, Scheduler, prefill_groups
 from .watermark import Watermark
@@ -62,6 +63,7 @@ class Engine:
         self.metrics = metrics if metrics is not None else EngineMetrics(worker_settings.max_batch_size)
         self.scheduler: Scheduler[GenerationJob] = Scheduler(Budget.from_settings(worker_settings, limits))
         self.batch: Batch | None = None
+        self.pending: deque[PendingPrefill] = deque()  # admitted groups whose prompts are being fed
         self.admitting = True
         self.watermark = Watermark(loaded_model.vocab_size, loaded_model.device)
         tokenizer = loaded_model.tokenizer
@@ -79,9 +81,12 @@ class Engine:
         leaving: Leaving = []
         worked = False
         self._fetch(events, leaving)
-        admitted = [e.item for e in self.scheduler.admit()] if self.admitting else []
-        if admitted:
-            self._prefill(admitted, events, leaving)
+        if self.admitting and not self.pending:
+            admitted = [e.item for e in self.scheduler.admit()]
+            if admitted:
+                self._start_prefill(admitted)
+        if self.pending:
+            self._prefill_some(events, leaving)
             if events and self.batch is not None:
                 # The newcomers' first tokens go out now, not after the decode step below: time to
                 # first token is the prefill, not the prefill plus a step of the whole batch.
@@ -105,8 +110,13 @@ class Engine:
 
     def held_jobs(self) -> list[GenerationJob]:
         """Jobs this engine holds and has not finished: unfinished batch rows, then the local waiting list."""
-        rows = [r.job for r in self.batch.rows if r.active] if self.batch is not None else []
-        return rows + [e.item for e in self.scheduler.waiting]
+        return self._rows_held() + [e.item for e in self.scheduler.waiting]
+
+    def _rows_held(self) -> list[GenerationJob]:
+        """Unfinished rows: in the batch, then still being prefilled."""
+        rows = [r for r in self.batch.rows] if self.batch is not None else []
+        rows += [r for group in self.pending for r in group.rows]
+        return [r.job for r in rows if r.active]
 
     def _fetch(self, events: list[Event], leaving: Leaving) -> None:
         """Pull jobs only while they could join soon, rejecting those the model cannot run."""
@@ -138,21 +148,59 @@ class Engine:
 
     # ---- prefill and decode ---------------------------------------------------------------------
 
-    def _prefill(self, jobs: list[GenerationJob], events: list[Event], leaving: Leaving) -> None:
-        """Prefill newcomers (in groups of similar length), emit their first tokens, merge the survivors."""
+    def _start_prefill(self, jobs: list[GenerationJob]) -> None:
+        """Queue newcomers for prefill, in groups of similar prompt length."""
         self.metrics.observe_next_size(len(jobs))
         rows = new_rows(jobs, self.loaded.eos_token_id, self._decode, make_generator, time.time())
         for group in prefill_groups([r.prompt_len for r in rows]):
-            self._prefill_group([rows[i] for i in group], events, leaving)
+            self.pending.append(PendingPrefill([rows[i] for i in group], self.loaded, self._num_layers,
+                                               self.settings.max_batch_size))
 
-    def _prefill_group(self, rows: list[Row], events: list[Event], leaving: Leaving) -> None:
-        t0 = time.perf_counter()
-        try:
-            newcomers = self._run_prefill(rows, events)
-        except Exception as exc:  # the error boundary: fail this prefill's rows, keep serving
-            self._fail(rows, exc, "prefill", time.perf_counter() - t0, events, leaving)
-            return
-        self.metrics.observe_inference("prefill", time.perf_counter() - t0, True)
+    def _prefill_some(self, events: list[Event], leaving: Leaving) -> None:
+        """Advance the pending prefills: all of them on an idle batch, else one chunk's worth of tokens."""
+        chunk = self.settings.prefill_chunk_tokens
+        budget = chunk if chunk > 0 and self.batch is not None else None
+        while self.pending:
+            group = self.pending[0]
+            t0 = time.perf_counter()
+            try:
+                logits, fed = group.advance(budget if budget is not None else group.remaining_tokens)
+                if logits is not None:
+                    self.pending.popleft()
+                    newcomers = self._first_tokens(group, logits, events)
+            except Exception as exc:  # the error boundary: fail this prefill's rows, keep serving
+                if self.pending and self.pending[0] is group:
+                    self.pending.popleft()
+                self._fail([r for r in group.rows if r.active], exc, "prefill", time.perf_counter() - t0,
+                           events, leaving)
+                continue
+            self.metrics.observe_inference("prefill", time.perf_counter() - t0, True)
+            if logits is None:
+                return  # this step's budget is spent
+            self._join(newcomers, leaving)
+            if budget is not None:
+                budget -= fed
+                if budget <= 0:
+                    return
+
+    def _first_tokens(self, group: PendingPrefill, logits: torch.Tensor, events: list[Event]) -> Batch:
+        """The fully prefilled group becomes a batch with each row's first token chosen and emitted."""
+        rows, inputs = group.rows, group.inputs
+        for i, row in enumerate(rows):
+            if row.job.want_prefill:
+                row.prefill = group.prefill_details(i, lambda t: self._decode([t]))
+        batch = Batch(rows=rows, cache=group.cache, mask=inputs.mask, next_pos=inputs.mask.sum(dim=1),
+                      last_ids=torch.zeros(len(rows), dtype=torch.long, device=self.loaded.device),
+                      vocab_size=self.loaded.vocab_size, device=self.loaded.device)
+        ids, logprobs = choose(logits.float(), batch.sampling, batch.seen, [r.ids[-1] for r in rows],
+                               self.watermark)
+        batch.last_ids = ids
+        batch.note_seen(ids)
+        self._emit(batch, ids, logprobs, events)
+        return batch
+
+    def _join(self, newcomers: Batch, leaving: Leaving) -> None:
+        """Rows still generating after their first token join the running batch (no restart)."""
         self._collect_finished(newcomers, leaving)
         keep = [i for i, r in enumerate(newcomers.rows) if r.active]
         if not keep:
@@ -162,29 +210,6 @@ class Engine:
             self.batch = newcomers
         else:
             self.batch.concatenate(newcomers)
-
-    def _run_prefill(self, rows: list[Row], events: list[Event]) -> Batch:
-        device = self.loaded.device
-        inputs = prefill_inputs([r.ids for r in rows], device)
-        want_prefill = any(r.job.want_prefill for r in rows)
-        cache = SlotCache(self._num_layers, max_rows=self.settings.max_batch_size)
-        out = forward(self.loaded, inputs.input_ids, inputs.attention, inputs.position_ids, cache,
-                      logits_to_keep=0 if want_prefill else 1)
-        if want_prefill:
-            width = inputs.input_ids.shape[1]
-            for i, row in enumerate(rows):
-                if row.job.want_prefill:
-                    row.prefill = prefill_tokens(row.ids, out.logits[i, width - row.prompt_len:],
-                                                 lambda t: self._decode([t]))
-        batch = Batch(rows=rows, cache=out.cache, mask=inputs.mask, next_pos=inputs.mask.sum(dim=1),
-                      last_ids=torch.zeros(len(rows), dtype=torch.long, device=device),
-                      vocab_size=self.loaded.vocab_size, device=device)
-        scores = out.logits[:, -1, :].float()
-        ids, logprobs = choose(scores, batch.sampling, batch.seen, [r.ids[-1] for r in rows], self.watermark)
-        batch.last_ids = ids
-        batch.note_seen(ids)
-        self._emit(batch, ids, logprobs, events)
-        return batch
 
     def _decode_step(self, events: list[Event], leaving: Leaving) -> None:
         """One forward over the running batch and one token per row."""
@@ -214,7 +239,8 @@ class Engine:
         pairs = torch.stack([ids.double(), logprobs.double()]).tolist()
         special = self.loaded.special_ids
         for row, token_id, logprob in zip(batch.rows, pairs[0], pairs[1]):
-            events.append(row.accept(int(token_id), float(logprob), special, self._decode_final))
+            if not row.cancelled:  # cancelled while its prefill ran: it leaves without another event
+                events.append(row.accept(int(token_id), float(logprob), special, self._decode_final))
 
     def _fail(self, rows: Sequence[Row], exc: Exception, method: str, seconds: float,
               events: list[Event], leaving: Leaving) -> None:
@@ -245,9 +271,9 @@ class Engine:
             return
         for entry in self.scheduler.remove_waiting(set(cancelled)):
             leaving.append((entry.item, None))
-        if self.batch is None:
-            return
-        for row in self.batch.rows:
+        rows = list(self.batch.rows) if self.batch is not None else []
+        rows += [r for group in self.pending for r in group.rows]
+        for row in rows:
             if row.job.request_id in cancelled and row.active:
                 row.cancelled = True
                 self.scheduler.release(row.job.request_id)
@@ -275,7 +301,8 @@ class Engine:
                     deadline = time.monotonic() + grace_s
                     self.admitting = False
                     self._give_back([e.item for e in self.scheduler.take_waiting()])
-                if deadline is not None and (self.batch is None or time.monotonic() >= deadline):
+                if deadline is not None and ((self.batch is None and not self.pending)
+                                             or time.monotonic() >= deadline):
                     break
                 busy = self.step()
                 if not busy and deadline is None:
@@ -283,10 +310,12 @@ class Engine:
         finally:
             self._give_back(self.unfinished_jobs())
             self.batch = None
+            self.pending.clear()
 
     def unfinished_jobs(self) -> list[GenerationJob]:
-        """Everything still held (running rows, then waiting), emptying the waiting list."""
-        rows = [r.job for r in self.batch.rows if r.active] if self.batch is not None else []
+        """Everything still held (running rows, rows in prefill, then waiting), emptying the waiting list."""
+        rows = self._rows_held()
+        self.pending.clear()
         return rows + [e.item for e in self.scheduler.take_waiting()]
 
     def _give_back(self, jobs: list[GenerationJob]) -> None:

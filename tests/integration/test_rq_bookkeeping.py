@@ -150,7 +150,7 @@ def test_round_trips_per_step_do_not_grow_with_the_batch(redis_url, n):
     worker = BatchWorker([queue], connection=conn, name=f"counted-{n}", serializer=JSONSerializer)
     worker.register_birth()
     jobs = RedisJobs(conn, worker, queue, "m", reap_every_s=3600)
-    warm = enqueue(conn, queue)  # first use loads the Lua scripts: not what is measured
+    enqueue(conn, queue)  # first use loads the Lua scripts: not what is measured
     [warm_job] = jobs.fetch(1)
     jobs.step_done([final(warm_job)], [])
     jobs.finished([(warm_job, final(warm_job))])

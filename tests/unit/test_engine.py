@@ -286,3 +286,40 @@ def test_metrics_increments_are_recorded(tiny_loaded):
     assert inc["next_size_count"] == 1.0 and inc["next_size_bucket:0"] == 1.0
     assert eng.metrics.take_increments() == {}
     assert eng.metrics.current_size == 0
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny_loaded):
+    """While "long" decodes, a 12-token newcomer is fed 4 tokens a step: "long" gets a token every
+    step meanwhile, and both outputs (and the newcomer's prompt logprobs) equal those of a run alone."""
+    chunked = WorkerSettings(max_batch_size=8, waiting_served_ratio=0.0, prefill_chunk_tokens=4)
+    late = GenerationJob("late", tuple(PROMPTS[3]), SamplingParams(), StoppingParams(max_new_tokens=5), "chan",
+                         want_tokens=True, want_prefill=True, attempt=1)
+    _, _, sink = run_engine(tiny_loaded, {0: [job("long", PROMPTS[1], n=12)], 2: [late]}, settings=chunked)
+    steps = sink.by_step()
+    long_steps = [s for s, (evs, _) in steps.items() if any(e.request_id == "long" for e in evs)]
+    assert long_steps == list(range(11))  # 2 tokens in step 0 (prefill + decode), then one every step
+    late_steps = [s for s, (evs, _) in steps.items() if any(e.request_id == "late" for e in evs)]
+    assert late_steps[0] == 4  # admitted at step 2, fed in steps 2, 3 and 4 (12 tokens / 4)
+    assert all("late" in running for s, (_, running) in steps.items() if 2 <= s < late_steps[0])  # leased meanwhile
+
+    _, _, alone_long = run_engine(tiny_loaded, {0: [job("long", PROMPTS[1], n=12)]})
+    _, _, alone_late = run_engine(tiny_loaded, {0: [late]})
+    assert generated_ids(sink, "long") == generated_ids(alone_long, "long")
+    assert generated_ids(sink, "late") == generated_ids(alone_late, "late")
+    got, want = sink.result("late").prefill, alone_late.result("late").prefill
+    assert [p.id for p in got] == [p.id for p in want] == PROMPTS[3]
+    assert got[0].logprob is None and want[0].logprob is None
+    assert torch.allclose(torch.tensor([p.logprob for p in got[1:]]), torch.tensor([p.logprob for p in want[1:]]),
+                          atol=1e-4)
+
+
+def test_a_row_cancelled_during_its_chunked_prefill_leaves_without_events(tiny_loaded):
+    chunked = WorkerSettings(max_batch_size=8, waiting_served_ratio=0.0, prefill_chunk_tokens=4)
+    sink = RecordingSink()
+    sink.cancel_at = {3: {"late"}}  # admitted at step 2, still being fed at step 3
+    arrivals = {0: [job("long", PROMPTS[1], n=10)], 2: [job("late", PROMPTS[3], n=5)]}
+    eng, _, sink = run_engine(tiny_loaded, arrivals, settings=chunked, sink=sink)
+    assert (3, "late", None) in sink.finished_calls
+    assert not any(e.request_id == "late" for evs, _ in sink.steps for e in evs)
+    assert len(generated_ids(sink, "long")) == 10
+    assert not eng.pending and not eng.scheduler.running
