@@ -12,6 +12,8 @@ import torch
 
 from common.model_files import ModelSource, build_once, ensure_tokenizer, model_dir
 
+from .packed import prepack, prepacking_available
+
 log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -82,7 +84,8 @@ def special_token_ids(tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def load_model(source: ModelSource, cache_dir: str, device: str, dtype: str, threads: int) -> LoadedModel:
+def load_model(source: ModelSource, cache_dir: str, device: str, dtype: str, threads: int,
+               rows_hint: int = 32) -> LoadedModel:
     """Load tokenizer and model (converting a GGUF once into the cache) onto `device` in `dtype`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,6 +104,8 @@ def load_model(source: ModelSource, cache_dir: str, device: str, dtype: str, thr
     model.requires_grad_(False)
     log.info("loaded %s (%s, %s) in %.1f s", weights_dir, dtype, dev, time.monotonic() - t0)
     width = int(model.get_output_embeddings().weight.shape[0])
+    if prepacking_available(dev, torch_dtype) and prepack(model, max(1, rows_hint), width):
+        log.info("linear layers prepacked for oneDNN (bf16 on CPU)")
     return LoadedModel(model=model, tokenizer=tokenizer, eos_token_id=tokenizer.eos_token_id,
                        special_ids=special_token_ids(tokenizer), vocab_size=width, device=dev,
                        dtype=torch_dtype, model_id=source.model_id)
