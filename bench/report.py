@@ -45,7 +45,7 @@ def format_table(res: dict[str, Any]) -> str:
     lines += ["", "raw loop / engine: decode tok/s of the bare batched loop / of tgq's Engine without Redis, at B=C "
               "(prefill excluded); tgq, naive, llama: generated tok/s seen by C streaming clients (wall clock, "
               "prefill and HTTP included). batch: largest tgi_batch_current_size sampled. RT/step: the worker's "
-              "Redis round trips (TCP data segments it sent, from ss) per prefill/decode step."]
+              "Redis round trips (commands or whole pipelines sent, its own count) per prefill/decode step."]
     mem = res.get("memory") or {}
     if mem:
         lines.append(f"memory: {mem.get('completed')} streams of ~{mem.get('prompt_tokens')}+{mem.get('new_tokens')} "

@@ -76,10 +76,13 @@ def _measure_stack(args: argparse.Namespace, stack: TgqStack, concurrencies: lis
             steps = (srv.get("decode_steps") or 0) + (srv.get("prefill_steps") or 0)
             if not steps and res.get("workers"):  # the API did not export the batch families
                 steps = (res["workers"]["decode_steps"] or 0) + (res["workers"]["prefill_steps"] or 0)
-            trips = None if before_w is None or after_w is None else after_w - before_w
+            segments = None if before_w is None or after_w is None else after_w - before_w
+            # Round trips as the workers count them (a command or a whole pipeline is one send); TCP
+            # segments overcount: redis-py writes a large pipeline in several chunks.
+            trips = (res.get("workers") or {}).get("redis_round_trips")
             res["redis"] = {
                 "commands": sum(by_cmd.values()), "by_command": by_cmd, "reads": after_r["reads"] - before_r["reads"],
-                "worker_round_trips": trips, "steps": steps,
+                "worker_round_trips": trips, "worker_tcp_segments": segments, "steps": steps,
                 "worker_round_trips_per_step": (trips / steps) if trips is not None and steps else None,
                 "commands_per_step": (sum(by_cmd.values()) / steps) if steps else None,
             }
@@ -116,7 +119,8 @@ def _worker_deltas(before: list[dict], after: list[dict]) -> dict[str, Any]:
             "prefill_steps": total("tgi_batch_inference_count", method="prefill"),
             "batch_next_size_mean": (sum(n["sum"] for n in nxt) / count) if count else None,
             "batch_next_size_max": max((n["max_le"] or 0) for n in nxt) if nxt else None,
-            "decode_step_mean_s": (sum(d["sum"] for d in dec) / dcount) if dcount else None}
+            "decode_step_mean_s": (sum(d["sum"] for d in dec) / dcount) if dcount else None,
+            "redis_round_trips": total("tgq_worker_redis_round_trips_total")}
 
 
 def _measure_llama(args: argparse.Namespace, server: LlamaCppServer, concurrencies: list[int]) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """The one place that builds Redis clients (password and TLS come in through the URL)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import redis
 
 from .settings import RedisSettings
@@ -17,3 +19,18 @@ def connect(settings: RedisSettings, *, socket_timeout: float | None = 30.0,
     return redis.Redis.from_url(settings.redis_url, socket_timeout=socket_timeout,
                                 socket_connect_timeout=5.0, health_check_interval=10,
                                 max_connections=max_connections, protocol=2)
+
+
+def count_round_trips(client: redis.Redis) -> Callable[[], int]:
+    """Make `client` count what it sends — one command, or one whole pipeline, is one round trip —
+    and return a reader of the count. Call it before the client's first command."""
+    sent = [0]
+    base = client.connection_pool.connection_class
+
+    class Counting(base):  # type: ignore[valid-type,misc]
+        def send_packed_command(self, command: object, check_health: bool = True) -> None:
+            sent[0] += 1
+            super().send_packed_command(command, check_health)
+
+    client.connection_pool.connection_class = Counting
+    return lambda: sent[0]

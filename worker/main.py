@@ -15,7 +15,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from common import model_files, protocol
-from common.redis_client import connect
+from common.redis_client import connect, count_round_trips
 from common.settings import LimitSettings, ModelSettings, RedisSettings, WorkerSettings
 
 log = logging.getLogger("tgq.worker")
@@ -61,6 +61,7 @@ def run_worker(redis_settings: RedisSettings, model_settings: ModelSettings, lim
              settings.device, settings.dtype)
 
     connection = connect(redis_settings)
+    round_trips = count_round_trips(connection)
     queue = Queue(protocol.queue_name(source.model_id), connection=connection, serializer=JSONSerializer)
     name = settings.name or f"{socket.gethostname()}.{os.getpid()}"
     # A short worker TTL so `rq info` forgets a dead worker quickly; it is renewed every second.
@@ -70,6 +71,7 @@ def run_worker(redis_settings: RedisSettings, model_settings: ModelSettings, lim
     retry_redis(rq_worker.register_birth, "register")
     jobs = RedisJobs(connection, rq_worker, queue, source.model_id, max_attempts=settings.max_attempts)
     metrics = EngineMetrics(max_batch_size=settings.max_batch_size)
+    metrics.round_trips = round_trips
     jobs.take_metric_increments = metrics.take_increments
     jobs.current_batch_size = lambda: metrics.current_size
     if settings.metrics_port:

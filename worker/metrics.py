@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -55,6 +55,7 @@ class EngineMetrics(Collector):
         self._counts = {(kind, m): 0 for kind in ("count", "success", "failure") for m in METHODS}
         self._durations = {m: _Histogram(duration_buckets()) for m in METHODS}
         self._pending: dict[str, float] = {}
+        self.round_trips: Callable[[], int] | None = None  # the worker's Redis round trips so far, if counted
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -122,3 +123,8 @@ class EngineMetrics(Collector):
                         dur.add_sample(name, labels, value)
             if dur.samples:
                 yield dur
+        if self.round_trips is not None:
+            trips = Metric("tgq_worker_redis_round_trips", "Redis round trips of this worker process "
+                           "(a command or a whole pipeline is one)", "counter")
+            trips.add_sample("tgq_worker_redis_round_trips_total", {}, float(self.round_trips()))
+            yield trips

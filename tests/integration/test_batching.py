@@ -95,3 +95,27 @@ def test_the_worker_serves_its_own_metrics(small_budget_stack):
     text = requests.get(f"http://127.0.0.1:{small_budget_stack.metrics_port}/metrics", timeout=10).text
     assert "# TYPE tgi_batch_current_size gauge" in text
     assert 'tgi_batch_inference_count{method="decode"}' in text
+
+
+def _worker_metric(stack, prefix: str) -> float:
+    text = requests.get(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_worker_round_trips_per_step_do_not_grow_with_the_batch(small_budget_stack):
+    """The worker counts its Redis round trips (/metrics); 8 jobs joining and leaving together cost
+    a few per step, not a dozen per job as RQ's own per-job bookkeeping would."""
+    stack = small_budget_stack
+
+    def per_step(n: int) -> float:
+        trips0 = _worker_metric(stack, "tgq_worker_redis_round_trips_total")
+        steps0 = _worker_metric(stack, "tgi_batch_inference_count")
+        with cf.ThreadPoolExecutor(n) as pool:
+            [f.result() for f in [pool.submit(post, stack, f"round trip {i}", max_new_tokens=12) for i in range(n)]]
+        trips = _worker_metric(stack, "tgq_worker_redis_round_trips_total") - trips0
+        return trips / (_worker_metric(stack, "tgi_batch_inference_count") - steps0)
+
+    assert _worker_metric(stack, "tgq_worker_redis_round_trips_total") > 0
+    alone, eight = per_step(1), per_step(8)
+    print(f"round trips per step: 1 job {alone:.2f}, 8 jobs {eight:.2f}")
+    assert eight < 3.0, (alone, eight)
