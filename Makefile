@@ -17,7 +17,7 @@ test-all: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m bench.suite
+	$(PY) -m bench.suite $(BENCH_ARGS)
 
 lint: setup
 	.venv/bin/ruff check . || true

@@ -9,8 +9,10 @@ With one model, dtype and thread count throughout:
   memory  one tgq run at the largest concurrency with rows of 1512 tokens (the default limits), for
           the worker's peak RSS;
   scale   1 vs 2 tgq workers at --threads 1 (at the largest concurrency);
-  llama   (--llamacpp) llama-cpp-python's server on the shipped Q4_1 GGUF and on a bf16 GGUF of the same
-          weights (`bench.gguf_bf16`), driven by the same client through /v1/completions.
+  llama   (--llamacpp) llama.cpp's server on the shipped Q4_1 GGUF and on a bf16 GGUF of the same weights
+          (`bench.gguf_bf16`), driven by the same client through /v1/completions: the C++ `llama-server`
+          (scripts/build_llama_server.sh; one slot per client, continuous batching) when built, else
+          llama-cpp-python's server (one request at a time).
 Every figure is the median over --repeats runs. Results go to stdout (a table) and bench-results/*.json.
 
 Server processes run at normal priority, one configuration at a time; the client is one asyncio
