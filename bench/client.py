@@ -6,7 +6,7 @@ the GIL contention of N reader threads, and leaves the cores to the server being
 
 Two server dialects:
   tgi     POST {url}/generate_stream (TGI 0.5.0, tgq)
-  openai  POST {url}/v1/completions with stream=true (llama-cpp-python's server, vLLM, ...)
+  openai  POST {url}/v1/completions with stream=true (llama.cpp's llama-server, llama-cpp-python's server, vLLM, ...)
 
 Figures: aggregate generated tokens/s (tokens received / wall time), time to first token, inter-token
 latency (every gap between consecutive token events, pooled over requests, as vLLM does), request

@@ -137,7 +137,7 @@ def interpret_tgi(data: str) -> StreamEvent:
 
 
 def interpret_openai(data: str) -> StreamEvent:
-    """An OpenAI-style `/v1/completions` stream chunk (llama-cpp-python's server), or `[DONE]`.
+    """An OpenAI-style `/v1/completions` stream chunk (llama.cpp's servers, vLLM), or `[DONE]`.
 
     One chunk per sampled token; a chunk carrying finish_reason ends the choice (its text, if any,
     counts as a token). A chunk whose text is empty still counts: the server sampled a token whose bytes
