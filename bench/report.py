@@ -65,6 +65,9 @@ def format_table(res: dict[str, Any]) -> str:
     if rss:
         lines.append("peak RSS (VmHWM, MiB): " + ", ".join(f"{k} {v}" for k, v in rss.items()))
     t = tgq.get(str(max(cfg["concurrency"]))) or {}
+    if t.get("worker_busy_share") is not None:
+        lines.append(f"worker busy in prefill/decode steps at C={max(cfg['concurrency'])}: "
+                     f"{100 * t['worker_busy_share']:.1f}% of the wall time (the rest: Redis I/O, bookkeeping, idle)")
     if t.get("commands_per_step") is not None:
         lines.append(f"Redis commands per step at C={max(cfg['concurrency'])} (all clients, INFO commandstats): "
                      f"{t['commands_per_step']:.1f}")

@@ -167,6 +167,10 @@ def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "decode_step_mean_s": med(lambda r: r["server"]["decode_step_mean_s"]
                                   if r["server"]["decode_step_mean_s"] is not None else r["workers"]["decode_step_mean_s"]),
         "round_trips_per_step": med(lambda r: r["redis"]["worker_round_trips_per_step"]),
+        # The share of wall time the worker spent in prefill/decode steps (forward, sampling, events);
+        # the rest is the loop's Redis I/O and bookkeeping, and idle waits for requests.
+        "worker_busy_share": med(lambda r: (r["server"]["decode_busy_s"] + r["server"]["prefill_busy_s"])
+                                 / r["wall_s"]),
         "commands_per_step": med(lambda r: r["redis"]["commands_per_step"]),
         "runs": runs,
     }
