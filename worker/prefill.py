@@ -19,6 +19,9 @@ from .kvcache import SlotCache
 from .model import LoadedModel, forward
 
 
+LOGITS_TOKENS = 1024  # most positions whose full logits one forward keeps (1024 x 49152 bf16: ~100 MB)
+
+
 class PendingPrefill:
     """One group of rows whose prompts are being fed into a fresh cache, chunk by chunk."""
 
@@ -46,13 +49,17 @@ class PendingPrefill:
         Returns (the last position's logits [n, V] once the whole prompt is in, else None; tokens fed)."""
         n, start = len(self.rows), self.done
         end = min(self.width, start + max(1, budget // n))
+        # Prompt logprobs need every position's logits: at most LOGITS_TOKENS positions per forward.
+        step = max(1, LOGITS_TOKENS // n) if self.want_prefill else end - start
         inp = self.inputs
-        out = forward(self.loaded, inp.input_ids[:, start:end], inp.attention[:, :, start:end, :end],
-                      inp.position_ids[:, start:end], self.cache, logits_to_keep=0 if self.want_prefill else 1)
-        if self.want_prefill:
-            self._keep_logprobs(out.logits, start, end)
-        self.cache = out.cache
-        self.done = end
+        while self.done < end:
+            a, b = self.done, min(end, self.done + step)
+            out = forward(self.loaded, inp.input_ids[:, a:b], inp.attention[:, :, a:b, :b], inp.position_ids[:, a:b],
+                          self.cache, logits_to_keep=0 if self.want_prefill else 1)
+            if self.want_prefill:
+                self._keep_logprobs(out.logits, a, b)
+            self.cache = out.cache
+            self.done = b
         fed = n * (end - start)
         return (out.logits[:, -1, :] if end == self.width else None), fed
 

@@ -323,3 +323,22 @@ def test_a_row_cancelled_during_its_chunked_prefill_leaves_without_events(tiny_l
     assert not any(e.request_id == "late" for evs, _ in sink.steps for e in evs)
     assert len(generated_ids(sink, "long")) == 10
     assert not eng.pending and not eng.scheduler.running
+
+
+def test_prompt_logprobs_are_the_same_when_their_logits_are_taken_a_few_positions_at_a_time(tiny_loaded,
+                                                                                            monkeypatch):
+    """details.prefill needs every prompt position's logits; they are computed LOGITS_TOKENS positions
+    per forward (memory stays bounded for long prompts) and must equal one full forward's."""
+    from worker import prefill as prefill_module
+
+    prompt = PROMPTS[3]
+    j = GenerationJob("p", tuple(prompt), SamplingParams(), StoppingParams(max_new_tokens=3), "chan",
+                      want_tokens=True, want_prefill=True, attempt=0)
+    _, _, whole = run_engine(tiny_loaded, {0: [j]})
+    monkeypatch.setattr(prefill_module, "LOGITS_TOKENS", 5)  # 12 prompt positions: 3 forwards
+    _, _, parts = run_engine(tiny_loaded, {0: [j]})
+    a, b = whole.result("p"), parts.result("p")
+    assert [p.id for p in a.prefill] == [p.id for p in b.prefill] == prompt
+    assert torch.allclose(torch.tensor([p.logprob for p in a.prefill[1:]]),
+                          torch.tensor([p.logprob for p in b.prefill[1:]]), atol=1e-5)
+    assert [t.id for t in a.tokens] == [t.id for t in b.tokens]
