@@ -11,7 +11,9 @@ rq-dashboard tell the truth — and drives those transitions itself:
             once a second), reads their cancel flags and adds the batch metrics.
   finished: one pipeline records every row that left in the step: finished, failed or canceled.
 
-So a step costs at most four round trips however many jobs join or leave in it.
+So a step costs at most five round trips however many jobs join or leave in it (take: 2; publish the
+newcomers' first tokens: 1; publish the decode step: 1; record the leavers: 1), plus the lease
+reaper every few seconds.
 
 A lease is the job's entry in RQ's started registry with a short expiry (`lease_ttl`); the reaper
 (`common.reaper`, run by every worker and API process) re-queues jobs whose lease expired because
