@@ -15,11 +15,12 @@ import redis
 from rq import Queue
 
 from common.reaper import reap_expired
+from common.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-# Used only for a job whose worker recorded no `max_attempts` (WorkerSettings' default).
-DEFAULT_MAX_ATTEMPTS = 3
+# Used only for a job whose worker recorded no `max_attempts`: the workers' default.
+DEFAULT_MAX_ATTEMPTS: int = WorkerSettings.max_attempts
 
 
 class LeaseReaper:

@@ -90,12 +90,17 @@ def _fail(connection: redis.Redis, queue: Queue, job: Job, attempts: int) -> Non
     event = ErrorEvent(job.id, attempts, "Incomplete generation", "incomplete_generation")
     data = protocol.encode_event(event)
     with connection.pipeline() as pipe:
-        job.set_status(JobStatus.FAILED, pipeline=pipe)
-        FailedJobRegistry(queue.name, connection, serializer=JSONSerializer).add(
-            job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe)
-        # what `rq info`, rq-dashboard and job.latest_result() show as the reason
-        Result.create_failure(job, job.failure_ttl, exc_string=reason, pipeline=pipe)
+        record_failure(pipe, queue, job, reason)
         pipe.set(protocol.result_key(job.id), data, ex=protocol.RESULT_TTL_S)
         if isinstance(payload, dict) and isinstance(payload.get("reply_to"), str):
             pipe.publish(payload["reply_to"], data)
         pipe.execute()
+
+
+def record_failure(pipe: redis.client.Pipeline, queue: Queue, job: Job, reason: str) -> None:
+    """Mark a job that has no running execution failed in RQ, with `reason` as what `rq info`,
+    rq-dashboard and job.latest_result() show."""
+    job.set_status(JobStatus.FAILED, pipeline=pipe)
+    FailedJobRegistry(queue.name, queue.connection, serializer=JSONSerializer).add(
+        job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe)
+    Result.create_failure(job, job.failure_ttl, exc_string=reason, pipeline=pipe)

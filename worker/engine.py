@@ -114,9 +114,12 @@ class Engine:
 
     def _rows_held(self) -> list[GenerationJob]:
         """Unfinished rows: in the batch, then still being prefilled."""
-        rows = [r for r in self.batch.rows] if self.batch is not None else []
-        rows += [r for group in self.pending for r in group.rows]
-        return [r.job for r in rows if r.active]
+        return [r.job for r in self._all_rows() if r.active]
+
+    def _all_rows(self) -> list[Row]:
+        """Every row this engine has admitted: the batch's, then those of pending prefills."""
+        rows = list(self.batch.rows) if self.batch is not None else []
+        return rows + [r for group in self.pending for r in group.rows]
 
     def _fetch(self, events: list[Event], leaving: Leaving) -> None:
         """Pull jobs only while they could join soon, rejecting those the model cannot run."""
@@ -271,9 +274,7 @@ class Engine:
             return
         for entry in self.scheduler.remove_waiting(set(cancelled)):
             leaving.append((entry.item, None))
-        rows = list(self.batch.rows) if self.batch is not None else []
-        rows += [r for group in self.pending for r in group.rows]
-        for row in rows:
+        for row in self._all_rows():
             if row.job.request_id in cancelled and row.active:
                 row.cancelled = True
                 self.scheduler.release(row.job.request_id)
@@ -308,9 +309,8 @@ class Engine:
                 if not busy and deadline is None:
                     self.source.wait(idle_wait_s)
         finally:
-            self._give_back(self.unfinished_jobs())
+            self._give_back(self.unfinished_jobs())  # empties the pending prefills too
             self.batch = None
-            self.pending.clear()
 
     def unfinished_jobs(self) -> list[GenerationJob]:
         """Everything still held (running rows, rows in prefill, then waiting), emptying the waiting list."""

@@ -15,10 +15,11 @@ from redis.client import Pipeline
 from rq import Queue, SimpleWorker
 from rq.executions import Execution, cleanup_execution
 from rq.job import Job, JobStatus
-from rq.registry import CanceledJobRegistry, FailedJobRegistry
-from rq.results import Result
+from rq.registry import CanceledJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now
+
+from common.reaper import record_failure
 
 # Move up to ARGV[1] job ids from the queue to RQ's intermediate queue, as RQ's dequeue does, and
 # describe each: its job hash and whether its request was cancelled while it waited. Ids popped
@@ -97,16 +98,14 @@ def mark_failed(pipe: Pipeline, worker: SimpleWorker, queue: Queue, job: Job, ex
                 reason: str) -> None:
     """What RQ's handle_job_failure writes for a job that is not retried; `execution` None: never started."""
     job.ended_at = now()
-    job.set_status(JobStatus.FAILED, pipeline=pipe)
-    if execution is not None:
+    if execution is None:
+        pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+        record_failure(pipe, queue, job, reason)
+    else:
+        job.set_status(JobStatus.FAILED, pipeline=pipe)
         cleanup_execution(worker, job, pipe, execution)
         job._handle_failure(reason, pipeline=pipe, worker_name=worker.name, execution_id=execution.id,
                             execution_started_at=execution.created_at, execution_ended_at=job.ended_at)
         worker.increment_failed_job_count(pipe)
         if job.started_at:
             worker.increment_total_working_time(job.ended_at - job.started_at, pipe)
-    else:
-        pipe.lrem(queue.intermediate_queue_key, 1, job.id)
-        FailedJobRegistry(queue.name, queue.connection, serializer=JSONSerializer).add(
-            job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe)
-        Result.create_failure(job, job.failure_ttl, exc_string=reason, pipeline=pipe)

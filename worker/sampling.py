@@ -49,11 +49,6 @@ class SamplingBatch:
     penalty: torch.Tensor  # [B, 1]
     watermark_rows: list[int]
     penalty_rows: list[int]
-    temperature_rows: list[int]
-    top_k_rows: list[int]
-    top_p_rows: list[int]
-    typical_rows: list[int]
-    sample_rows: list[int]
     candidate_rows: list[int]  # rows with top-k or top-p: warped and drawn among candidates
 
     @classmethod
@@ -67,11 +62,6 @@ class SamplingBatch:
             penalty=torch.tensor([[p.repetition_penalty] for p in params], dtype=torch.float32, device=device),
             watermark_rows=[i for i in rows if params[i].watermark],
             penalty_rows=[i for i in rows if params[i].repetition_penalty != 1.0],
-            temperature_rows=[i for i in rows if params[i].temperature != 1.0],
-            top_k_rows=[i for i in rows if params[i].top_k != 0],
-            top_p_rows=[i for i in rows if params[i].top_p < 1.0],
-            typical_rows=[i for i in rows if params[i].typical_p < 1.0],
-            sample_rows=[i for i in rows if params[i].sampling],
             candidate_rows=[i for i in rows if params[i].top_k != 0 or params[i].top_p < 1.0],
         )
 
@@ -237,7 +227,8 @@ def choose(scores: torch.Tensor, sb: SamplingBatch, seen: torch.Tensor | None, p
     batch = scores.shape[0]
     ids = torch.zeros(batch, dtype=torch.long, device=scores.device)
     logprobs = torch.zeros(batch, dtype=torch.float32, device=scores.device)
-    dense_rows = [i for i in range(batch) if i not in set(sb.candidate_rows)]
+    in_candidates = set(sb.candidate_rows)
+    dense_rows = [i for i in range(batch) if i not in in_candidates]
     if sb.candidate_rows:
         rows = sb.candidate_rows
         index = torch.tensor(rows, dtype=torch.long, device=scores.device)

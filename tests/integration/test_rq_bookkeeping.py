@@ -17,7 +17,7 @@ from rq.serializers import JSONSerializer
 from common import protocol
 from common.schemas import (FinalEvent, FinishReason, GenerationJob, SamplingParams,
                             StoppingParams, Token, TokenEvent)
-from worker.reaper import reap_expired
+from common.reaper import reap_expired
 from worker.rq_worker import BatchWorker, RedisJobs
 
 pytestmark = pytest.mark.integration
