@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -88,16 +89,26 @@ def wait_http(url: str, procs: list[TgqProcess], timeout: float = 120, path: str
     raise RuntimeError("timed out waiting for " + url + "\n" + "\n".join(p.output()[-3000:] for p in procs))
 
 
+def worker_name(proc: TgqProcess) -> str:
+    """The name a `tgq worker` process registers in RQ: its --name, else host.pid (worker/main.py)."""
+    if "--name" in proc.args:
+        return proc.args[proc.args.index("--name") + 1]
+    return f"{socket.gethostname()}.{proc.proc.pid}"
+
+
 def wait_worker_ready(redis_client, procs: list[TgqProcess], timeout: float = 180) -> None:
-    """Wait until at least len(procs) RQ workers are registered (model loaded)."""
+    """Wait until each of `procs` has registered its RQ worker (it registers once its model is loaded).
+
+    By name, not by count: a worker killed by an earlier test stays registered until its TTL runs out."""
     from rq import Worker
 
+    expected = {worker_name(p) for p in procs}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in procs:
             if not p.alive():
                 raise RuntimeError(f"worker exited:\n{p.output()[-4000:]}")
-        if Worker.count(connection=redis_client) >= len(procs):
+        if expected <= {w.name for w in Worker.all(connection=redis_client)}:
             return
         time.sleep(0.2)
     raise RuntimeError("timed out waiting for workers\n" + "\n".join(p.output()[-3000:] for p in procs))
