@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     source = model_files.resolve(model_settings.model, model_settings.model_id)
     t0 = time.monotonic()
     loaded = load_model(source, model_settings.cache_dir, settings.device, settings.dtype, settings.threads,
-                        rows_hint=settings.max_batch_size)
+                        rows_hint=settings.max_batch_size, fused=False)  # model.generate: transformers' forward
     log.info("model %s loaded in %.1f s (%s, %s)", source.model_id, time.monotonic() - t0, settings.device,
              settings.dtype)
     connection = connect(redis_settings)

@@ -12,6 +12,7 @@ import torch
 
 from common.model_files import ModelSource, build_once, ensure_tokenizer, model_dir
 
+from .fastllama import build_fast
 from .packed import prepack, prepacking_available
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     model_id: str = ""
+    fast: Any = None  # a FastLlama when the model is a Llama and it matched transformers' logits
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -85,8 +87,11 @@ def special_token_ids(tokenizer: Any) -> frozenset[int]:
 
 
 def load_model(source: ModelSource, cache_dir: str, device: str, dtype: str, threads: int,
-               rows_hint: int = 32) -> LoadedModel:
-    """Load tokenizer and model (converting a GGUF once into the cache) onto `device` in `dtype`."""
+               rows_hint: int = 32, fused: bool = True) -> LoadedModel:
+    """Load tokenizer and model (converting a GGUF once into the cache) onto `device` in `dtype`.
+
+    With `fused`, a Llama model also gets tgq's fused forward (worker/fastllama.py), used by
+    `forward` when it matched transformers' logits on a probe."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     configure_threads(threads)
@@ -104,11 +109,13 @@ def load_model(source: ModelSource, cache_dir: str, device: str, dtype: str, thr
     model.requires_grad_(False)
     log.info("loaded %s (%s, %s) in %.1f s", weights_dir, dtype, dev, time.monotonic() - t0)
     width = int(model.get_output_embeddings().weight.shape[0])
-    if prepacking_available(dev, torch_dtype) and prepack(model, max(1, rows_hint), width):
+    pack = prepacking_available(dev, torch_dtype)
+    fast = build_fast(model, max(1, rows_hint), pack) if fused else None
+    if pack and prepack(model, max(1, rows_hint), width):
         log.info("linear layers prepacked for oneDNN (bf16 on CPU)")
     return LoadedModel(model=model, tokenizer=tokenizer, eos_token_id=tokenizer.eos_token_id,
                        special_ids=special_token_ids(tokenizer), vocab_size=width, device=dev,
-                       dtype=torch_dtype, model_id=source.model_id)
+                       dtype=torch_dtype, model_id=source.model_id, fast=fast)
 
 
 @dataclass
@@ -128,12 +135,14 @@ def forward(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.
     copy for a bmm (783 ms of a 1.3 s prefill at B=8 on this CPU).
     """
     model = loaded.model
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              cache=cache, use_cache=True)
-    hidden = out.last_hidden_state
+    if loaded.fast is not None:
+        hidden = loaded.fast(input_ids, attention_mask, position_ids, cache)
+    else:
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids, cache=cache, use_cache=True).last_hidden_state
     if logits_to_keep:
         hidden = hidden[:, -logits_to_keep:, :]
     b, t, h = hidden.shape
     head = model.get_output_embeddings()
     logits = head(hidden.reshape(b * t, h).contiguous()).view(b, t, -1)
-    return ForwardOut(logits=logits, cache=out.cache)
+    return ForwardOut(logits=logits, cache=cache)

@@ -1,0 +1,244 @@
+"""A decode-oriented forward pass for Llama-architecture models, on the weights transformers loaded.
+
+At 32 rows a decode step of SmolLM2 on CPU runs ~60 small tensor ops per layer through
+transformers' modules (norms in four steps, rotary embeddings once for q and once for k, separate
+q/k/v and gate/up projections, the attention kernel of a 3-query GQA group). Each costs a few
+microseconds of dispatch on a [32, 576] tensor, so together they cost about as much as the
+attention and a fifth of the step. This forward does the same arithmetic in fewer ops, the way
+serving engines lay out their models:
+
+- q, k and v come from one projection (weights concatenated once), and so do gate and up;
+- the rotary embedding is applied to q and k together, in the projection's own layout;
+- for one new token per row, attention runs as two batched matmuls over the KV cache's whole
+  buffer (contiguous, so nothing is copied), with the columns outside each row's window masked.
+  That is transformers' "eager" attention arithmetic (scores as a bf16 matmul, softmax in fp32);
+  prompts (several tokens per row) go through torch's scaled_dot_product_attention as in
+  transformers' default path.
+
+The norms, rotary tables and residual adds compute the same values as transformers' Llama code
+(the norm output is bit-identical in bf16); `build` checks the logits of a probe against
+transformers' own forward and declines (the caller keeps transformers' forward) if they differ.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kvcache import SlotCache, SlotLayer
+from .packed import PackedLinear
+
+log = logging.getLogger(__name__)
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _plain(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+    return lambda x: F.linear(x, weight, bias)
+
+
+def _cat_bias(*linears: nn.Module) -> torch.Tensor | None:
+    biases = [getattr(m, "bias", None) for m in linears]
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([b if b is not None else torch.zeros(m.weight.shape[0], dtype=m.weight.dtype,
+                                                          device=m.weight.device)
+                      for b, m in zip(biases, linears)])
+
+
+def _share(fused: torch.Tensor, *linears: nn.Linear) -> None:
+    """Point each linear's weight at its rows of `fused` (the concatenation of their weights)."""
+    start = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
+        start += rows
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why this model cannot use FastLlama (None: it can)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", "") != "llama":
+        return f"model type {getattr(cfg, 'model_type', None)!r} is not 'llama'"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r}"
+    if getattr(cfg, "pretraining_tp", 1) != 1:
+        return "pretraining_tp != 1"
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not layers:
+        return "no decoder layers found"
+    for layer in layers:
+        if not all(isinstance(m, nn.Linear) for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                       layer.self_attn.v_proj, layer.self_attn.o_proj,
+                                                       layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)):
+            return "projections are not plain nn.Linear"
+    return None
+
+
+@dataclass
+class _Layer:
+    qkv: Linear
+    o: Linear
+    gate_up: Linear
+    down: Linear
+    norm1: torch.Tensor
+    norm2: torch.Tensor
+
+
+class FastLlama:
+    """The decoder of a Llama model as fused projections; returns final-normed hidden states."""
+
+    def __init__(self, model: Any, rows_hint: int, pack: bool) -> None:
+        cfg = model.config
+        decoder = model.model
+        self.embed = decoder.embed_tokens
+        self.rotary = decoder.rotary_emb
+        self.final_norm = decoder.norm.weight
+        self.eps = float(cfg.rms_norm_eps)
+        self.n_q = int(cfg.num_attention_heads)
+        self.n_kv = int(cfg.num_key_value_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_q)
+        self.inter = int(cfg.intermediate_size)
+        self.scale = float(decoder.layers[0].self_attn.scaling)
+
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+            if pack:
+                return PackedLinear(weight, bias, rows_hint)
+            return _plain(weight, bias)
+
+        self.layers: list[_Layer] = []
+        for layer in decoder.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            qkv_w = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])
+            gu_w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            if not pack:  # transformers' layers read views of the fused weights: no second copy
+                _share(qkv_w, att.q_proj, att.k_proj, att.v_proj)
+                _share(gu_w, mlp.gate_proj, mlp.up_proj)
+            self.layers.append(_Layer(
+                qkv=linear(qkv_w, _cat_bias(att.q_proj, att.k_proj, att.v_proj)),
+                o=linear(att.o_proj.weight, att.o_proj.bias),
+                gate_up=linear(gu_w, _cat_bias(mlp.gate_proj, mlp.up_proj)),
+                down=linear(mlp.down_proj.weight, mlp.down_proj.bias),
+                norm1=layer.input_layernorm.weight, norm2=layer.post_attention_layernorm.weight))
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # transformers' LlamaRMSNorm: normalise in fp32, round to the input dtype, then scale.
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * weight
+
+    def _rope(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = qk.shape[-1] // 2
+        rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+        return qk * cos + rotated * sin
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 cache: SlotCache) -> torch.Tensor:
+        """Hidden states [B, T, H] after the final norm; `attention_mask` is [B, 1, T, window] bool."""
+        b, t = input_ids.shape
+        x = self.embed(input_ids)
+        cos, sin = self.rotary(x, position_ids)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]: broadcast over heads
+        n_q, n_kv, d = self.n_q, self.n_kv, self.head_dim
+        bias: torch.Tensor | None = None
+        for layer, slots in zip(self.layers, cache.slot_layers):
+            residual = x
+            qkv = layer.qkv(self._norm(x, layer.norm1)).view(b, t, n_q + 2 * n_kv, d)
+            qk = self._rope(qkv[:, :, :n_q + n_kv], cos, sin)
+            q = qk[:, :, :n_q].transpose(1, 2)
+            keys, values = slots.update(qk[:, :, n_q:].transpose(1, 2), qkv[:, :, n_q + n_kv:].transpose(1, 2))
+            if t == 1:
+                if bias is None or bias.shape[-1] != slots.kbuf.shape[2]:
+                    bias = self._decode_bias(attention_mask, slots)
+                attn = self._decode_attention(q, slots, bias)
+            else:
+                attn = self._prefill_attention(q, keys, values, attention_mask)
+            x = residual + layer.o(attn)
+            residual = x
+            gu = layer.gate_up(self._norm(x, layer.norm2))
+            x = residual + layer.down(F.silu(gu[..., :self.inter]) * gu[..., self.inter:])
+        return self._norm(x, self.final_norm)
+
+    @staticmethod
+    def _decode_bias(mask: torch.Tensor, slots: SlotLayer) -> torch.Tensor:
+        """Additive mask over the buffer's columns: 0 where the row attends, -inf elsewhere (exact in bf16)."""
+        rows, columns = mask.shape[0], slots.kbuf.shape[2]
+        bias = torch.full((rows, 1, 1, columns), float("-inf"), dtype=slots.kbuf.dtype, device=mask.device)
+        bias[..., slots.start:slots.end].masked_fill_(mask, 0.0)
+        return bias
+
+    def _decode_attention(self, q: torch.Tensor, slots: SlotLayer, bias: torch.Tensor) -> torch.Tensor:
+        """One query per row: q [B, n_q, 1, D] against the whole (contiguous) buffer of the rows.
+
+        transformers' eager arithmetic: scores as a matmul in the model dtype, scaled there; the
+        softmax computes in fp32 internally and rounds its output to the model dtype."""
+        b = q.shape[0]
+        keys = slots.kbuf[:b]  # [B, n_kv, C, D]
+        values = slots.vbuf[:b]
+        # Query head h reads KV head h // groups (transformers' repeat_kv): group them per KV head.
+        grouped = q.reshape(b, self.n_kv, self.n_q // self.n_kv, self.head_dim)
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(self.scale).add_(bias)
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, values).reshape(b, 1, self.n_q * self.head_dim)
+
+    def _prefill_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor:
+        groups = self.n_q // self.n_kv
+        if groups > 1:
+            keys = keys.repeat_interleave(groups, dim=1)
+            values = values.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+        b, _, t, _ = q.shape
+        return out.transpose(1, 2).reshape(b, t, self.n_q * self.head_dim)
+
+
+@torch.inference_mode()
+def _probe_logits(model: Any, fast: FastLlama | None, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of every position of `ids` [1, n]: the prompt but its last token, then that token as a decode step."""
+    from .batch import prefill_inputs
+
+    if fast is None:
+        return model(input_ids=ids).logits.float()
+    n = ids.shape[1]
+    head = model.get_output_embeddings()
+    cache = SlotCache(len(fast.layers))
+    inputs = prefill_inputs([ids[0, :-1].tolist()], ids.device)
+    first = fast(inputs.input_ids, inputs.attention, inputs.position_ids, cache)
+    mask = torch.ones(1, 1, 1, n, dtype=torch.bool, device=ids.device)
+    last = fast(ids[:, -1:], mask, torch.tensor([[n - 1]], device=ids.device), cache)
+    return head(torch.cat([first, last], dim=1)).float()
+
+
+def probe_deviation(model: Any, fast: FastLlama) -> float:
+    """Mean |difference| of the probe's logits (fused vs transformers), relative to their mean size."""
+    ids = (torch.arange(3, 19, dtype=torch.long, device=model.device) * 7919 % model.config.vocab_size)[None]
+    want = _probe_logits(model, None, ids)
+    got = _probe_logits(model, fast, ids)
+    return ((want - got).abs().mean() / want.abs().mean().clamp(min=1e-6)).item()
+
+
+def build_fast(model: Any, rows_hint: int, pack: bool) -> FastLlama | None:
+    """A FastLlama for `model` if it is a Llama whose probe logits match transformers' (else None).
+
+    The same arithmetic up to rounding (fused projections accumulate in another order; the decode
+    path rounds attention scores to the model dtype, as transformers' eager attention does). In
+    bf16 that rounding alone moves logits by ~1% (transformers' own sdpa and eager forwards differ
+    from an fp32 run by as much), while a structural mismatch (rotary variant, head grouping)
+    moves them by their own size.
+    """
+    reason = unsupported_reason(model)
+    if reason is not None:
+        log.info("transformers' forward kept: %s", reason)
+        return None
+    fast = FastLlama(model, rows_hint, pack)
+    err = probe_deviation(model, fast)
+    tolerance = 1e-4 if model.dtype == torch.float32 else 5e-2
+    if not err <= tolerance:
+        log.warning("fused forward differs from transformers' (mean deviation %.2g > %.2g); not used",
+                    err, tolerance)
+        return None
+    log.info("fused Llama forward in use (probe mean deviation %.2g)", err)
+    return fast
