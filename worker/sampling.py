@@ -197,6 +197,25 @@ def _uniforms(generators: Sequence[torch.Generator | None], device: torch.device
                         dtype=torch.float32, device=device)[:, None]
 
 
+ARGMAX_BLOCK = 128
+
+
+def first_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(scores, dim=-1) of a [n, V] tensor: each row's first index of its maximum.
+
+    torch's CPU argmax walks a row element by element (2.6 ms for [32, 49152] fp32 here), while
+    amax is vectorised (0.1 ms). So: every block's maximum, the first block holding the row's
+    maximum, then the first index in that block -- the same index (NaN counts as the maximum in
+    both, as in torch.argmax)."""
+    n, vocab = scores.shape
+    if vocab % ARGMAX_BLOCK or scores.device.type != "cpu":
+        return torch.argmax(scores, dim=-1)
+    blocks = scores.reshape(n, vocab // ARGMAX_BLOCK, ARGMAX_BLOCK)
+    block = torch.argmax(blocks.amax(dim=-1), dim=-1)  # [n]: first block with the row maximum
+    inside = torch.argmax(blocks[torch.arange(n, device=scores.device), block], dim=-1)
+    return block * ARGMAX_BLOCK + inside
+
+
 def sample(scores: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """Column of one draw per row from softmax(scores) by inverse CDF (one uniform from each row's generator)."""
     cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
@@ -211,7 +230,7 @@ def _choose_dense(scores: torch.Tensor, sb: SamplingBatch, rows: list[int],
     index = torch.tensor(rows, dtype=torch.long, device=scores.device)
     dense = scores if len(rows) == scores.shape[0] else scores[index]
     dense = warp_dense(dense, params, sb.temperature[index], candidates)
-    ids = torch.argmax(dense, dim=-1)
+    ids = first_argmax(dense)
     sampled = [j for j, p in enumerate(params) if p.sampling]
     if sampled:
         pick = torch.tensor(sampled, dtype=torch.long, device=scores.device)

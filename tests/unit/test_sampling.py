@@ -229,3 +229,18 @@ def test_candidate_sampling_follows_the_distribution():
     k_counts = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=4)[:4].float() / 3000
     assert torch.allclose(k_counts, torch.tensor([0.0, 0.15, 0.3, 0.5]) / 0.95, atol=0.03)
     assert {d[1] for d in draws} == {3}  # the nucleus of 0.4 is the single top id
+
+
+def test_first_argmax_is_torch_argmax_ties_and_nan_included():
+    from worker.sampling import first_argmax
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(6, 49152, generator=g)
+    scores[1, 5000] = scores[1, 70000 % 49152] = 100.0  # a tie across blocks: the first one wins
+    scores[2, 300:302] = 50.0  # a tie inside one block
+    scores[3] = float("-inf")  # nothing allowed: index 0, as torch.argmax
+    scores[4, 20000] = float("nan")  # NaN counts as the maximum
+    scores[5] = scores[5].round()  # many ties
+    assert torch.equal(first_argmax(scores), torch.argmax(scores, dim=-1))
+    odd = torch.randn(3, 1000, generator=g)  # not a multiple of the block: torch.argmax itself
+    assert torch.equal(first_argmax(odd), torch.argmax(odd, dim=-1))
