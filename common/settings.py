@@ -133,6 +133,8 @@ class WorkerSettings:
     dtype: str = _opt("bf16", "weights and activations dtype", choices=("bf16", "fp16", "fp32"))
     max_batch_size: int = _opt(32, "most rows decoded together")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
+    fused_forward: bool = _opt(True, "run Llama models through tgq's fused forward (worker/fastllama.py; used only "
+                                     "if it matches transformers' logits at load); false: transformers' forward")
     max_batch_total_tokens: int = _opt(0, "token budget of the running batch (0: max_batch_size * max_total_tokens)")
     max_batch_prefill_tokens: int = _opt(4096, "most prompt tokens admitted (and prefilled) at once")
     prefill_chunk_tokens: int = _opt(512, "while rows decode, most prompt tokens prefilled between two decode "
