@@ -160,9 +160,16 @@ class Engine:
                                                self.settings.max_batch_size))
 
     def _prefill_some(self, events: list[Event], leaving: Leaving) -> None:
-        """Advance the pending prefills: all of them on an idle batch, else one chunk's worth of tokens."""
+        """Advance the pending prefills: all of them on an idle batch, else one chunk's worth of tokens.
+
+        The chunk bounds how long the running rows pause for newcomers. When more rows wait for their
+        first token than are running (a wave of arrivals next to a few early rows), the budget grows
+        by that ratio: a few rows pause longer so that many more start sooner."""
         chunk = self.settings.prefill_chunk_tokens
-        budget = chunk if chunk > 0 and self.batch is not None else None
+        budget = None
+        if chunk > 0 and self.batch is not None:
+            newcomers = sum(1 for group in self.pending for row in group.rows if row.active)
+            budget = chunk * max(1, newcomers // len(self.batch))
         while self.pending:
             group = self.pending[0]
             t0 = time.perf_counter()

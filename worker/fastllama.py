@@ -35,6 +35,7 @@ from .packed import PackedLinear
 log = logging.getLogger(__name__)
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
+MAX_TABLE_POSITIONS = 32768  # rotary cos/sin tables cover at most this many positions (bf16: 8 MB at D=64)
 
 
 def _plain(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
@@ -104,6 +105,7 @@ class FastLlama:
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_q)
         self.inter = int(cfg.intermediate_size)
         self.scale = float(decoder.layers[0].self_attn.scaling)
+        self._cos, self._sin = self._rope_tables(cfg)
 
         def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
             if pack:
@@ -118,12 +120,33 @@ class FastLlama:
             if not pack:  # transformers' layers read views of the fused weights: no second copy
                 _share(qkv_w, att.q_proj, att.k_proj, att.v_proj)
                 _share(gu_w, mlp.gate_proj, mlp.up_proj)
+            o = linear(att.o_proj.weight, att.o_proj.bias)
+            down = linear(mlp.down_proj.weight, mlp.down_proj.bias)
+            if pack:  # transformers' layers use the same packed o and down projections: one copy each
+                att.o_proj, mlp.down_proj = o, down
             self.layers.append(_Layer(
-                qkv=linear(qkv_w, _cat_bias(att.q_proj, att.k_proj, att.v_proj)),
-                o=linear(att.o_proj.weight, att.o_proj.bias),
-                gate_up=linear(gu_w, _cat_bias(mlp.gate_proj, mlp.up_proj)),
-                down=linear(mlp.down_proj.weight, mlp.down_proj.bias),
+                qkv=linear(qkv_w, _cat_bias(att.q_proj, att.k_proj, att.v_proj)), o=o,
+                gate_up=linear(gu_w, _cat_bias(mlp.gate_proj, mlp.up_proj)), down=down,
                 norm1=layer.input_layernorm.weight, norm2=layer.post_attention_layernorm.weight))
+
+    def _rope_tables(self, cfg: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """cos/sin of every position, computed once by transformers' own rotary module (the same
+        elementwise values it computes per call), for rotary types that do not depend on the length."""
+        if getattr(self.rotary, "rope_type", "default") in ("dynamic", "longrope"):
+            return None, None
+        positions = min(int(getattr(cfg, "max_position_embeddings", 0) or 0), MAX_TABLE_POSITIONS)
+        if positions <= 0:
+            return None, None
+        weight = self.embed.weight
+        probe = torch.zeros(1, 1, dtype=weight.dtype, device=weight.device)
+        cos, sin = self.rotary(probe, torch.arange(positions, device=weight.device)[None])
+        return cos[0], sin[0]
+
+    def _rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self._cos, self._sin
+        if cos is None or sin is None or x.device.type != "cpu" or int(position_ids.max()) >= cos.shape[0]:
+            return self.rotary(x, position_ids)
+        return cos[position_ids], sin[position_ids]
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # transformers' LlamaRMSNorm: normalise in fp32, round to the input dtype, then scale.
@@ -140,7 +163,7 @@ class FastLlama:
         """Hidden states [B, T, H] after the final norm; `attention_mask` is [B, 1, T, window] bool."""
         b, t = input_ids.shape
         x = self.embed(input_ids)
-        cos, sin = self.rotary(x, position_ids)
+        cos, sin = self._rotary(x, position_ids)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]: broadcast over heads
         n_q, n_kv, d = self.n_q, self.n_kv, self.head_dim
         bias: torch.Tensor | None = None

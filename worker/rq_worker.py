@@ -18,7 +18,8 @@ reaper every few seconds.
 A lease is the job's entry in RQ's started registry with a short expiry (`lease_ttl`); the reaper
 (`common.reaper`, run by every worker and API process) re-queues jobs whose lease expired because
 their worker died. A worker that was only stalled (SIGSTOP, a swapped-out host) cannot publish for
-a reaped job: every publish goes through a Redis script that first checks the lease (FENCED_PUBLISH).
+a reaped job: every publish goes through a Redis script that first checks the lease (FENCED_PUBLISH,
+one call for all of a step's events).
 A refused publish tells the worker to drop that row silently: the re-run owns it now.
 """
 from __future__ import annotations
@@ -87,11 +88,21 @@ def retry_redis(fn: Callable[[], T], what: str, stop: Callable[[], bool] = lambd
 # registry. Checked by Redis itself, so a worker that was stopped anywhere in its step (SIGSTOP,
 # a stalled host) can never send events for a job that a reaper has handed to another worker.
 # KEYS: started registry, reply channel, result key. ARGV: lease member, event, result TTL (0: none).
+# KEYS: the started registry, then (reply channel, result key) per event; ARGV: (execution key, data,
+# seconds to keep the result or 0) per event. Returns 1 per event published, 0 per event refused.
 FENCED_PUBLISH = """
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-redis.call('PUBLISH', KEYS[2], ARGV[2])
-if ARGV[3] ~= '0' then redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3]) end
-return 1
+local sent = {}
+for i = 1, #ARGV / 3 do
+  local member, data, keep = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  if redis.call('ZSCORE', KEYS[1], member) then
+    redis.call('PUBLISH', KEYS[2 * i], data)
+    if keep ~= '0' then redis.call('SET', KEYS[2 * i + 1], data, 'EX', keep) end
+    sent[i] = 1
+  else
+    sent[i] = 0
+  end
+end
+return sent
 """
 
 
@@ -235,18 +246,21 @@ class RedisJobs:
         if not self._fence_sha:
             self._fence_sha = self.redis.script_load(FENCED_PUBLISH)
         pipe = self.redis.pipeline(transaction=False)
-        for job in running:  # first, so their replies are results[:len(running)]
-            pipe.exists(protocol.cancel_key(job.request_id))
-        fenced: list[str] = []  # request id of each fenced publish, in pipeline order
+        if running:  # first, so its reply is results[0]
+            pipe.mget([protocol.cancel_key(job.request_id) for job in running])
+        fenced: list[str] = []  # request id of each fenced publish, in script order
+        keys: list[str] = [self.started_registry.key]
+        args: list[Any] = []
         for event in events:
             held = self.held.get(event.request_id)
             if held is None or event.request_id in self.lost:
                 continue
-            data = protocol.encode_event(event)
             keep_s = protocol.RESULT_TTL_S if isinstance(event, (FinalEvent, ErrorEvent)) else 0
-            pipe.evalsha(self._fence_sha, 3, self.started_registry.key, held.job.reply_to,
-                         protocol.result_key(event.request_id), held.execution.composite_key, data, keep_s)
+            keys += [held.job.reply_to, protocol.result_key(event.request_id)]
+            args += [held.execution.composite_key, protocol.encode_event(event), keep_s]
             fenced.append(event.request_id)
+        if fenced:
+            pipe.evalsha(self._fence_sha, len(keys), *keys, *args)
         if renewing:
             self._renew_leases(pipe, running)
         pipe.set(self._batch_key, self.current_batch_size(), ex=self._batch_key_ttl_s)
@@ -254,13 +268,14 @@ class RedisJobs:
         pipe.llen(self.queue.key)
         results = pipe.execute()
         self._waiting_hint = int(results[-1])
-        flags = results[:len(running)]
-        refused = {rid for rid, ok in zip(fenced, results[len(running):len(running) + len(fenced)]) if not ok}
+        flags = results[0] if running else []
+        sent = results[1 if running else 0] if fenced else []
+        refused = {rid for rid, ok in zip(fenced, sent) if not ok}
         for rid in refused - self.lost:
             log.warning("job %s: lease lost while this worker was stalled; its events were not sent", rid)
         self.lost |= refused
         self._maybe_reap()
-        return refused | {job.request_id for job, flag in zip(running, flags) if flag}
+        return refused | {job.request_id for job, flag in zip(running, flags) if flag is not None}
 
     def _maybe_reap(self) -> None:
         """Every few seconds, recover jobs of dead workers (any live worker does it)."""

@@ -313,6 +313,24 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny_loaded):
                           atol=1e-4)
 
 
+def test_many_newcomers_next_to_few_running_rows_get_a_larger_prefill_budget(tiny_loaded):
+    """4 newcomers of 12 tokens next to 1 running row, 4 tokens per chunk: the budget grows by the
+    ratio 4/1 to 16 tokens (4 columns of 4 rows) a step, so their first tokens come 3 steps after
+    admission, not 12; with 1 newcomer per running row it stays 4 (see the test above)."""
+    chunked = WorkerSettings(max_batch_size=8, waiting_served_ratio=0.0, prefill_chunk_tokens=4)
+    wave = [job(f"w{i}", [3000 + i + k for k in range(12)], n=3) for i in range(4)]
+    _, _, sink = run_engine(tiny_loaded, {0: [job("early", PROMPTS[1], n=12)], 2: wave}, settings=chunked)
+    steps = sink.by_step()
+    first = {j.request_id: min(s for s, (evs, _) in steps.items() if any(e.request_id == j.request_id for e in evs))
+             for j in wave}
+    assert set(first.values()) == {4}  # admitted at step 2, fed in steps 2, 3 and 4
+    early_steps = [s for s, (evs, _) in steps.items() if any(e.request_id == "early" for e in evs)]
+    assert early_steps == list(range(11))  # the running row still gets a token every step
+    for j in wave:
+        _, _, alone = run_engine(tiny_loaded, {0: [job(j.request_id, j.input_ids, n=3)]})
+        assert generated_ids(sink, j.request_id) == generated_ids(alone, j.request_id)
+
+
 def test_a_row_cancelled_during_its_chunked_prefill_leaves_without_events(tiny_loaded):
     chunked = WorkerSettings(max_batch_size=8, waiting_served_ratio=0.0, prefill_chunk_tokens=4)
     sink = RecordingSink()

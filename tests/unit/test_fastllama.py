@@ -80,3 +80,14 @@ def test_other_architectures_keep_transformers_forward():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).eval()
     assert "gpt2" in fastllama.unsupported_reason(model)
     assert fastllama.build_fast(model, 4, pack=False) is None
+
+
+def test_rotary_tables_hold_what_transformers_computes_per_call(tiny_loaded):
+    fast = tiny_loaded.fast
+    assert fast._cos is not None
+    x = torch.zeros(1, 1)
+    inside = torch.tensor([[0, 1, 2, 77], [4000, 17, 5, 3]])
+    beyond = torch.tensor([[fast._cos.shape[0] + 5]])  # past the table: transformers' module itself
+    for positions in (inside, beyond):
+        got, want = fast._rotary(x, positions), fast.rotary(x, positions)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
