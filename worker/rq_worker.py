@@ -87,7 +87,6 @@ def retry_redis(fn: Callable[[], T], what: str, stop: Callable[[], bool] = lambd
 # Publish (and store a final result) only while this worker's lease entry is still in the started
 # registry. Checked by Redis itself, so a worker that was stopped anywhere in its step (SIGSTOP,
 # a stalled host) can never send events for a job that a reaper has handed to another worker.
-# KEYS: started registry, reply channel, result key. ARGV: lease member, event, result TTL (0: none).
 # KEYS: the started registry, then (reply channel, result key) per event; ARGV: (execution key, data,
 # seconds to keep the result or 0) per event. Returns 1 per event published, 0 per event refused.
 FENCED_PUBLISH = """
@@ -268,8 +267,8 @@ class RedisJobs:
         pipe.llen(self.queue.key)
         results = pipe.execute()
         self._waiting_hint = int(results[-1])
-        flags = results[0] if running else []
-        sent = results[1 if running else 0] if fenced else []
+        flags = results.pop(0) if running else []
+        sent = results.pop(0) if fenced else []
         refused = {rid for rid, ok in zip(fenced, sent) if not ok}
         for rid in refused - self.lost:
             log.warning("job %s: lease lost while this worker was stalled; its events were not sent", rid)
