@@ -27,6 +27,7 @@ VERSION = 1
 PREFIX = "tgq"
 RESULT_TTL_S = 600  # how long a final result stays readable for a late reader
 CANCEL_TTL_S = 3600
+CLAIM_TTL_S = 3600  # a claim outlives any stall it guards against; the reaper deletes it anyway
 
 # The function path RQ records for our jobs. Workers never let RQ call it: the batching worker
 # takes the job's payload (args[0]) and runs it in its batch.
@@ -49,6 +50,11 @@ def result_key(request_id: str) -> str:
 
 def cancel_key(request_id: str) -> str:
     return f"{PREFIX}:cancel:{request_id}"
+
+
+def claim_key(job_id: str) -> str:
+    """Which worker took this job off the queue and has not yet marked it started (its name)."""
+    return f"{PREFIX}:claim:{job_id}"
 
 
 def stranded_key(job_id: str) -> str:

@@ -9,7 +9,9 @@ How many runs a job gets is the setting of the worker that took it (`max_attempt
 meta, written when the worker takes it); `max_attempts` here is only the fallback.
 
 A job popped off the queue (into RQ's intermediate list) by a worker that died before marking it
-started has no lease: `reap_stranded` puts such a job back once it has sat there `stranded_after_s`.
+started has no lease: `reap_stranded` puts such a job back once it has sat there `stranded_after_s`,
+and ends the taker's claim on it in the same transaction, so a taker that was only stalled finds
+the job is no longer its own (`worker.rq_bookkeeping.CLAIMED_WRITES`).
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ from rq.job import Job, JobStatus
 from rq.exceptions import NoSuchJobError
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.results import Result
+from rq.defaults import DEFAULT_RESULT_TTL
 from rq.serializers import JSONSerializer
+from rq.utils import now
 
 from . import protocol
-from .schemas import ErrorEvent
+from .schemas import ErrorEvent, FinalEvent
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,11 @@ def reap_expired(connection: redis.Redis, queue: Queue, max_attempts: int) -> li
         except NoSuchJobError:
             continue
         if job.get_status(refresh=False) != JobStatus.STARTED:
+            continue
+        ended = connection.get(protocol.result_key(job_id))
+        if ended is not None:  # its worker published the job's end, then died before telling RQ
+            _record_end(connection, queue, job, protocol.decode_event(ended))
+            handled.append(job_id)
             continue
         meta = job.meta or {}
         attempt = int(meta.get("attempt", 0)) + 1
@@ -73,7 +82,11 @@ def reap_stranded(connection: redis.Redis, queue: Queue, stranded_after_s: float
         first_seen = float(connection.get(seen_key) or time.time())
         if time.time() - first_seen < stranded_after_s:
             continue
-        if connection.lrem(queue.intermediate_queue_key, 1, raw_id) != 1:
+        with connection.pipeline() as pipe:  # one transaction: the taker's claim ends with the entry
+            pipe.lrem(queue.intermediate_queue_key, 1, raw_id)
+            pipe.delete(protocol.claim_key(job_id))
+            removed, _ = pipe.execute()
+        if removed != 1:
             continue  # another reaper (or the worker) got there first
         connection.delete(seen_key)
         job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
@@ -81,6 +94,19 @@ def reap_stranded(connection: redis.Redis, queue: Queue, stranded_after_s: float
         log.warning("job %s: popped by a worker that never started it; re-queued at the head", job_id)
         handled.append(job_id)
     return handled
+
+
+def _record_end(connection: redis.Redis, queue: Queue, job: Job, event: object) -> None:
+    """Record in RQ the end its worker already published (and stored) but did not record."""
+    log.warning("job %s: lease expired after its final event was published; recorded as ended, not re-run", job.id)
+    with connection.pipeline() as pipe:
+        if isinstance(event, FinalEvent):
+            record_success(pipe, job, {"generated_tokens": event.generated_tokens,
+                                       "finish_reason": event.finish_reason.value})
+        else:
+            reason = f"{event.error_type}: {event.message}" if isinstance(event, ErrorEvent) else "ended"
+            record_failure(pipe, queue, job, reason)
+        pipe.execute()
 
 
 def _fail(connection: redis.Redis, queue: Queue, job: Job, attempts: int) -> None:
@@ -104,3 +130,12 @@ def record_failure(pipe: redis.client.Pipeline, queue: Queue, job: Job, reason: 
     FailedJobRegistry(queue.name, queue.connection, serializer=JSONSerializer).add(
         job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe)
     Result.create_failure(job, job.failure_ttl, exc_string=reason, pipeline=pipe)
+
+
+def record_success(pipe: redis.client.Pipeline, job: Job, result: dict[str, object]) -> None:
+    """Mark a job that has no running execution finished in RQ, with `result` as its return value."""
+    ttl = job.result_ttl if job.result_ttl is not None else DEFAULT_RESULT_TTL
+    job.ended_at = now()
+    job._result = result
+    job._handle_success(ttl, pipeline=pipe)
+    job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)

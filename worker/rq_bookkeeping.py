@@ -6,11 +6,17 @@ retires 32 jobs in one step would pay hundreds. The same Redis writes are made h
 job of a step, into one pipeline that the caller executes once, so the worker's round trips per
 step do not grow with the batch. tgq jobs have no dependents, repeats, retries or rate limits,
 which is what lets these writes skip RQ's WATCH loops.
+
+Taking jobs is the one transition that spans two round trips (take them off the queue, then mark
+them started), so it is fenced: the take claims each job for the worker, and the writes that start
+it apply only while that claim holds (ClaimedWrites). The reaper's rescue of a job left between
+the two ends the claim in the same transaction (`common.reaper.reap_stranded`).
 """
 from __future__ import annotations
 
 from typing import Any
 
+from redis import Redis
 from redis.client import Pipeline
 from rq import Queue, SimpleWorker
 from rq.executions import Execution, cleanup_execution
@@ -19,34 +25,92 @@ from rq.registry import CanceledJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
+from common import protocol
 from common.reaper import record_failure
 
-# Move up to ARGV[1] job ids from the queue to RQ's intermediate queue, as RQ's dequeue does, and
-# describe each: its job hash and whether its request was cancelled while it waited. Ids popped
-# earlier by a blocking wait (ARGV[4..]) are described too, but only if they are still in the
-# intermediate queue (a reaper may have handed them back while this worker was stopped). Ids whose
-# job hash is gone (expired) are dropped. Returns {descriptions, queue length after}.
-# KEYS: queue, intermediate queue. ARGV: count, job key prefix, cancel key prefix, earlier ids...
+# Move up to ARGV[1] job ids from the queue to RQ's intermediate queue, as RQ's dequeue does, claim
+# each for this worker (ARGV[5], for ARGV[6] s) and describe it: its job hash and whether its request
+# was cancelled while it waited. Ids popped earlier by a blocking wait (ARGV[7..]) are taken too, but
+# only if they are still in the intermediate queue and nobody claimed them (a reaper may have handed
+# them back, and another worker taken them, while this worker was stopped). Ids whose job hash is
+# gone (expired) are dropped, and so is a queue entry for a job another worker holds a claim on (a
+# duplicate). Returns {descriptions, queue length after}.
+# KEYS: queue, intermediate queue. ARGV: count, job key prefix, cancel key prefix, claim key prefix,
+# worker name, claim ttl, earlier ids...
 TAKE_JOBS = """
 local taken = {}
-local function describe(id)
+local function take(id, popped_now)
   local fields = redis.call('HGETALL', ARGV[2] .. id)
   if #fields == 0 then
-    redis.call('LREM', KEYS[2], 1, id)
+    redis.call('LREM', KEYS[2], -1, id)
+    return
+  end
+  if not redis.call('SET', ARGV[4] .. id, ARGV[5], 'NX', 'EX', ARGV[6]) then
+    if popped_now then redis.call('LREM', KEYS[2], -1, id) end
     return
   end
   taken[#taken + 1] = {id, redis.call('EXISTS', ARGV[3] .. id), fields}
 end
-for i = 4, #ARGV do
-  if redis.call('LPOS', KEYS[2], ARGV[i]) then describe(ARGV[i]) end
+for i = 7, #ARGV do
+  if redis.call('LPOS', KEYS[2], ARGV[i]) then take(ARGV[i], false) end
 end
 for _ = 1, tonumber(ARGV[1]) do
   local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
   if not id then break end
-  describe(id)
+  take(id, true)
 end
 return {taken, redis.call('LLEN', KEYS[1])}
 """
+
+# Apply each job's recorded writes only if this worker's claim on the job (from TAKE_JOBS) still
+# holds, and end the claim. A worker stopped between taking jobs and marking them started (SIGSTOP,
+# a stalled host) may find that a reaper put them back on the queue meanwhile, and another worker
+# ran them: its writes would mark a finished job started again and run it twice.
+# KEYS: one claim key per job. ARGV: worker name, then per job the number of commands and per
+# command its argument count and arguments. Returns 1 per job written, 0 per job refused.
+CLAIMED_WRITES = """
+local done, at = {}, 2
+for i = 1, #KEYS do
+  local mine = redis.call('GET', KEYS[i]) == ARGV[1]
+  local commands = tonumber(ARGV[at])
+  at = at + 1
+  for _ = 1, commands do
+    local argc = tonumber(ARGV[at])
+    if mine then redis.call(unpack(ARGV, at + 1, at + argc)) end
+    at = at + 1 + argc
+  end
+  if mine then redis.call('DEL', KEYS[i]) end
+  done[i] = mine and 1 or 0
+end
+return done
+"""
+
+
+class ClaimedWrites:
+    """RQ's writes for several claimed jobs, recorded per job and sent as one CLAIMED_WRITES call."""
+
+    def __init__(self, connection: Redis, worker_name: str) -> None:
+        self.connection = connection
+        self.worker_name = worker_name
+        self.job_ids: list[str] = []
+        self._recorders: list[Pipeline] = []
+
+    def for_job(self, job_id: str) -> Pipeline:
+        """A pipeline that only records: the writes queued on it apply if the claim on `job_id` holds."""
+        recorder = self.connection.pipeline(transaction=False)
+        self.job_ids.append(job_id)
+        self._recorders.append(recorder)
+        return recorder
+
+    def script_call(self) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV for CLAIMED_WRITES."""
+        args: list[Any] = [self.worker_name]
+        for recorder in self._recorders:
+            args.append(len(recorder.command_stack))
+            for command, _options in recorder.command_stack:
+                args += [len(command), *command]
+            recorder.reset()
+        return [protocol.claim_key(job_id) for job_id in self.job_ids], args
 
 
 def restore_job(job_id: str, fields: list[Any], queue: Queue) -> Job:

@@ -5,8 +5,9 @@ resident model and runs many jobs in one batch, so it uses RQ for what RQ is goo
 job hashes, the started/finished/failed/canceled registries, worker registration, so `rq info` and
 rq-dashboard tell the truth — and drives those transitions itself:
 
-  fetch:    one script moves waiting job ids to RQ's intermediate queue and reads their hashes and
-            cancel flags; one pipeline marks them all started (`worker.rq_bookkeeping`).
+  fetch:    one script moves waiting job ids to RQ's intermediate queue, claims them and reads
+            their hashes and cancel flags; one script call marks them all started, each only if its
+            claim still holds (`worker.rq_bookkeeping`).
   step:     one pipeline per step publishes every row's events, renews the rows' leases (at most
             once a second), reads their cancel flags and adds the batch metrics.
   finished: one pipeline records every row that left in the step: finished, failed or canceled.
@@ -42,7 +43,8 @@ from common import protocol
 from common.reaper import reap_expired, reap_stranded
 from common.schemas import ErrorEvent, Event, FinalEvent, GenerationJob
 
-from .rq_bookkeeping import TAKE_JOBS, mark_canceled, mark_failed, mark_started, mark_succeeded, restore_job
+from .rq_bookkeeping import (CLAIMED_WRITES, TAKE_JOBS, ClaimedWrites, mark_canceled, mark_failed, mark_started,
+                             mark_succeeded, restore_job)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -125,6 +127,7 @@ class RedisJobs:
         # Called by hash inside the step pipeline. (redis-py's Script objects would make every
         # pipeline that holds one ask SCRIPT EXISTS first: a second round trip per step.)
         self._fence_sha = ""
+        self._claim_sha = ""  # CLAIMED_WRITES, called the same way
         self._stash: list[str] = []  # ids a blocking wait moved to the intermediate queue
         self._take_jobs = connection.register_script(TAKE_JOBS)
         self._renew_every_s = renew_every_s
@@ -149,29 +152,62 @@ class RedisJobs:
         return retry_redis(lambda: self._fetch(max_jobs), "fetch")
 
     def _fetch(self, max_jobs: int) -> list[GenerationJob]:
+        taken = self._take(max_jobs)
+        if not taken:
+            return []
+        try:
+            return self._start(taken)
+        except redis.exceptions.NoScriptError:  # Redis restarted and lost its script cache
+            self._claim_sha = ""
+            return self._start(taken)
+
+    def _take(self, max_jobs: int) -> list[Any]:
+        """Move up to `max_jobs` waiting jobs to RQ's intermediate queue, claimed for this worker."""
         earlier, self._stash = self._stash[:max_jobs], self._stash[max_jobs:]
         more = max_jobs - len(earlier)
         taken, waiting = self._take_jobs(keys=[self.queue.key, self.queue.intermediate_queue_key],
-                                         args=[more, Job.redis_job_namespace_prefix,
-                                               protocol.cancel_key(""), *earlier])
+                                         args=[more, Job.redis_job_namespace_prefix, protocol.cancel_key(""),
+                                               protocol.claim_key(""), self.worker.name, protocol.CLAIM_TTL_S,
+                                               *earlier])
         self._waiting_hint = int(waiting)
-        if not taken:
-            return []
-        started: list[GenerationJob] = []
-        with self.redis.pipeline() as pipe:
-            for raw_id, cancelled, fields in taken:
-                rq_job = restore_job(raw_id.decode(), fields, self.queue)
-                if cancelled:  # the client left (or its deadline passed) while it waited: never run it
-                    mark_canceled(pipe, self.worker, self.queue, rq_job, None)
-                    continue
-                job = self._decode(rq_job, pipe)
-                if job is not None:
-                    execution = mark_started(pipe, self.worker, self.queue, rq_job, self.worker.lease_ttl)
-                    self.held[job.request_id] = Running(job, rq_job, execution)
-                    started.append(job)
-            if started:
+        return list(taken)
+
+    def _start(self, taken: list[Any]) -> list[GenerationJob]:
+        """Mark the taken jobs started (or cancelled, or failed) where this worker's claim still holds."""
+        writes = ClaimedWrites(self.redis, self.worker.name)
+        candidates: list[tuple[GenerationJob, Running] | None] = []
+        for raw_id, cancelled, fields in taken:
+            rq_job = restore_job(raw_id.decode(), fields, self.queue)
+            pipe = writes.for_job(rq_job.id)
+            if cancelled:  # the client left (or its deadline passed) while it waited: never run it
+                mark_canceled(pipe, self.worker, self.queue, rq_job, None)
+                candidates.append(None)
+                continue
+            job = self._decode(rq_job, pipe)
+            if job is None:
+                candidates.append(None)
+                continue
+            execution = mark_started(pipe, self.worker, self.queue, rq_job, self.worker.lease_ttl)
+            candidates.append((job, Running(job, rq_job, execution)))
+        if not self._claim_sha:
+            self._claim_sha = self.redis.script_load(CLAIMED_WRITES)
+        keys, args = writes.script_call()
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.evalsha(self._claim_sha, len(keys), *keys, *args)
+            if any(candidates):
                 self.worker.set_state(WorkerStatus.BUSY, pipeline=pipe)
-            pipe.execute()
+            written = pipe.execute()[0]
+        started: list[GenerationJob] = []
+        for job_id, candidate, ok in zip(writes.job_ids, candidates, written):
+            if not ok:
+                log.warning("job %s: put back on the queue while this worker was stalled; left to its new taker",
+                            job_id)
+                if candidate is not None:
+                    self.worker.executions.pop(candidate[1].execution.id, None)
+            elif candidate is not None:
+                job, running = candidate
+                self.held[job.request_id] = running
+                started.append(job)
         return started
 
     def _decode(self, rq_job: Job, pipe: redis.client.Pipeline) -> GenerationJob | None:

@@ -17,7 +17,7 @@ from rq.serializers import JSONSerializer
 from common import protocol
 from common.schemas import (FinalEvent, FinishReason, GenerationJob, SamplingParams,
                             StoppingParams, Token, TokenEvent)
-from common.reaper import reap_expired
+from common.reaper import reap_expired, reap_stranded
 from worker.rq_worker import BatchWorker, RedisJobs
 
 pytestmark = pytest.mark.integration
@@ -124,6 +124,74 @@ def test_expired_lease_is_requeued_then_failed_with_an_error_event(conn):
     assert event.error_type == "incomplete_generation"
     assert job.request_id in FailedJobRegistry(queue=queue).get_job_ids()
     assert reap_expired(conn, queue, max_attempts=2) == []
+
+
+def test_a_job_whose_end_was_published_is_recorded_not_rerun(conn):
+    """A worker that dies between publishing a job's final event and recording it in RQ: the reaper
+    records the stored end instead of running the job a second time."""
+    queue, worker, jobs = make_jobs(conn, lease_ttl=2)
+    job = enqueue(conn, queue)
+    [taken] = jobs.fetch(1)
+    assert jobs.step_done([final(taken)], [taken]) == set()  # ... and the worker dies here
+    time.sleep(2.2)
+    assert reap_expired(conn, queue, max_attempts=2) == [job.request_id]
+    assert queue.get_job_ids() == []
+    rq_job = Job.fetch(job.request_id, connection=conn, serializer=JSONSerializer)
+    assert rq_job.get_status() == JobStatus.FINISHED
+    assert rq_job.latest_result().return_value == {"generated_tokens": 2, "finish_reason": "length"}
+    assert job.request_id in FinishedJobRegistry(queue=queue).get_job_ids()
+
+
+def status_of(conn, job_id: str) -> JobStatus:
+    return Job.fetch(job_id, connection=conn, serializer=JSONSerializer).get_status()
+
+
+def test_a_worker_stalled_between_take_and_start_leaves_a_rescued_job_alone(conn):
+    """Taking jobs is two round trips. A worker stopped between them finds, when it resumes, that a
+    reaper put the job back and another worker ran it: it must not mark it started or run it again."""
+    queue, _, stalled = make_jobs(conn, name="stalled")
+    _, _, healthy = make_jobs(conn, name="healthy")
+    job = enqueue(conn, queue)
+    taken = stalled._take(1)  # ... and the worker stops here
+    assert conn.get(protocol.claim_key(job.request_id)) == b"stalled"
+    assert reap_stranded(conn, queue, stranded_after_s=0) == [job.request_id]
+    assert conn.get(protocol.claim_key(job.request_id)) is None
+    [rerun] = healthy.fetch(1)
+    healthy.step_done([final(rerun)], [rerun])
+    healthy.finished([(rerun, final(rerun))])
+    assert status_of(conn, job.request_id) == JobStatus.FINISHED
+    assert stalled._start(taken) == []  # resumed: the claim is gone, so nothing is written
+    assert status_of(conn, job.request_id) == JobStatus.FINISHED
+    assert StartedJobRegistry(queue=queue).get_job_ids() == []
+    assert stalled.held == {} and stalled.worker.executions == {}
+    assert conn.lrange(queue.intermediate_queue_key, 0, -1) == []
+
+
+def test_a_job_popped_by_a_stalled_wait_is_taken_by_one_worker_only(conn):
+    """A blocking wait pops a job before any claim; if a reaper hands it back meanwhile, whichever
+    worker claims it first runs it, and the other drops its stale copy."""
+    queue, _, stalled = make_jobs(conn, name="stalled")
+    _, _, healthy = make_jobs(conn, name="healthy")
+    job = enqueue(conn, queue)
+    stalled.wait(1)  # popped to RQ's intermediate queue; then the worker stops
+    assert reap_stranded(conn, queue, stranded_after_s=0) == [job.request_id]
+    healthy.wait(1)  # the other worker pops it in turn
+    assert [j.request_id for j in stalled.fetch(1)] == [job.request_id]  # resumed first: it claims it
+    assert healthy.fetch(1) == []
+    assert status_of(conn, job.request_id) == JobStatus.STARTED
+    assert conn.lrange(queue.intermediate_queue_key, 0, -1) == []
+    assert conn.get(protocol.claim_key(job.request_id)) is None  # a started job has a lease, not a claim
+
+
+def test_a_duplicate_queue_entry_of_a_claimed_job_is_dropped(conn):
+    queue, _, first = make_jobs(conn, name="first")
+    _, _, second = make_jobs(conn, name="second")
+    job = enqueue(conn, queue)
+    taken = first._take(1)
+    conn.rpush(queue.key, job.request_id)  # the same id queued again while it is claimed
+    assert second.fetch(1) == []
+    assert [j.request_id for j in first._start(taken)] == [job.request_id]
+    assert conn.llen(queue.key) == 0 and conn.lrange(queue.intermediate_queue_key, 0, -1) == []
 
 
 class CountingConnection(redis.Connection):
