@@ -21,6 +21,7 @@ def format_table(res: dict[str, Any]) -> str:
     raw = res.get("raw") or {}
     tgq, naive = res.get("tgq") or {}, res.get("naive") or {}
     llq, llb = res.get("llamacpp_q4_1") or {}, res.get("llamacpp_bf16") or {}
+    paired = res.get("paired_naive_ratio") or {}
     lines = [f"model {cfg['model']}  dtype {cfg['dtype']}  threads {cfg['threads']}  new tokens {cfg['new_tokens']}  "
              f"prompt ~{cfg['prompt_tokens']} tokens  repeats {cfg['repeats']} (medians)  load avg at start "
              f"{cfg['loadavg_start']}", ""]
@@ -35,17 +36,24 @@ def format_table(res: dict[str, Any]) -> str:
         r = (raw.get("raw_median") or {}).get(k)
         e = (raw.get("engine_median") or {}).get(k)
         tt = t.get("tokens_per_s")
+        # tgq / naive: the median of alternating runs' ratios when the suite paired them
+        vs_naive = f"{paired[k]['median']:.2f}x" if (paired.get(k) or {}).get("median") else \
+            _ratio(tt, n.get("tokens_per_s"))
         lines.append(
             f"{c:>3} | {_fmt(r):>8} {_fmt(e):>7} | {_fmt(tt):>9} {_fmt_ms(t.get('ttft_p50_s')):>8} "
             f"{_fmt_ms(t.get('itl_p50_s')):>7} {_fmt(t.get('batch_max'), '.0f'):>5} "
             f"{_fmt(t.get('round_trips_per_step'), '.2f'):>7} | {_fmt(n.get('tokens_per_s')):>6} "
             f"{_fmt_ms(n.get('ttft_p50_s')):>7} | {_fmt(q.get('tokens_per_s')):>8} {_fmt(b.get('tokens_per_s')):>10} | "
-            f"{_ratio(tt, r):>6} {_ratio(tt, n.get('tokens_per_s')):>6} {_ratio(tt, q.get('tokens_per_s')):>6} "
+            f"{_ratio(tt, r):>6} {vs_naive:>6} {_ratio(tt, q.get('tokens_per_s')):>6} "
             f"{_ratio(tt, b.get('tokens_per_s')):>6}")
     lines += ["", "raw loop / engine: decode tok/s of the bare batched loop / of tgq's Engine without Redis, at B=C "
               "(prefill excluded); tgq, naive, llama: generated tok/s seen by C streaming clients (wall clock, "
               "prefill and HTTP included). batch: largest tgi_batch_current_size sampled. RT/step: the worker's "
               "Redis round trips (commands or whole pipelines sent, its own count) per prefill/decode step."]
+    if paired:
+        lines.append("/naive: tgq and the naive baseline ran alternately (tgq, naive, tgq, ...); the median of "
+                     "each pair's ratio. Pairs at C=" + "; C=".join(f"{c}: {', '.join(f'{x:.2f}' for x in v['pairs'])}"
+                                                         for c, v in paired.items()))
     mem = res.get("memory") or {}
     if mem:
         lines.append(f"memory: {mem.get('completed')} streams of ~{mem.get('prompt_tokens')}+{mem.get('new_tokens')} "

@@ -66,44 +66,68 @@ def _measure_stack(args: argparse.Namespace, stack: TgqStack, concurrencies: lis
     """Repeated load runs at each concurrency; per run also Redis traffic and the workers' round trips."""
     out: dict[str, Any] = {}
     for c in concurrencies:
-        runs = []
-        for rep in range(args.repeats):
-            before_r, before_w, before_m = stack.redis_counters(), stack.round_trips(), stack.worker_samples()
-            res = _load(args, stack.url, "tgi", c, max(1, c * rounds) if rounds else max(2, c), deadline)
-            after_r, after_w, after_m = stack.redis_counters(), stack.round_trips(), stack.worker_samples()
-            by_cmd = stats.counter_delta(before_r["commands"], after_r["commands"])
-            if before_m is not None and after_m is not None:
-                res["workers"] = _worker_deltas(before_m, after_m)
-            srv = res.get("server") or {}
-            steps = (srv.get("decode_steps") or 0) + (srv.get("prefill_steps") or 0)
-            if not steps and res.get("workers"):  # the API did not export the batch families
-                steps = (res["workers"]["decode_steps"] or 0) + (res["workers"]["prefill_steps"] or 0)
-            segments = None if before_w is None or after_w is None else after_w - before_w
-            # Round trips as the workers count them (a command or a whole pipeline is one send); TCP
-            # segments overcount: redis-py writes a large pipeline in several chunks.
-            trips = (res.get("workers") or {}).get("redis_round_trips")
-            res["redis"] = {
-                "commands": sum(by_cmd.values()), "by_command": by_cmd, "reads": after_r["reads"] - before_r["reads"],
-                "worker_round_trips": trips, "worker_tcp_segments": segments, "steps": steps,
-                "worker_round_trips_per_step": (trips / steps) if trips is not None and steps else None,
-                "commands_per_step": (sum(by_cmd.values()) / steps) if steps else None,
-            }
-            dead = [w.name for w in stack.workers if not w.alive()]
-            if dead:
-                res["dead_workers"] = dead
-                note = f"{stack.label} c={c}: worker(s) {', '.join(dead)} exited during the run: " + \
-                    " | ".join(w.tail(300).strip().splitlines()[-1] for w in stack.workers if not w.alive())
-                if note not in stack.problems:
-                    stack.problems.append(note)
-            if res["cut_at_deadline"]:
-                res["cancelled_leftovers"] = stack.cancel_leftovers()
-                _settle(args, stack.url, "tgi")
-            runs.append(res)
-            _say(f"{stack.label} c={c} run {rep + 1}/{args.repeats}: {res['tokens_per_s']:.1f} tok/s, "
-                 f"TTFT p50 {_fmt_ms(res['ttft_s']['p50'])}, ITL p50 {_fmt_ms(res['itl_s']['p50'])}, "
-                 f"errors {res['errors']}")
-        out[str(c)] = _median_of(runs)
+        out[str(c)] = _median_of([_measure_run(args, stack, c, rounds, deadline, rep) for rep in range(args.repeats)])
     return out
+
+
+def _measure_paired(args: argparse.Namespace, tgq: TgqStack, naive: TgqStack) -> tuple[dict, dict, dict]:
+    """tgq and the one-at-a-time baseline, alternating run by run at each concurrency.
+
+    The machine's speed drifts (shared hosts: a third within minutes, here); paired runs meet the same
+    drift, so each pair's ratio is fairer than a ratio of medians taken minutes apart. Returns the two
+    stacks' results and, per concurrency, every pair's ratio and their median."""
+    out_t: dict[str, Any] = {}
+    out_n: dict[str, Any] = {}
+    ratios: dict[str, Any] = {}
+    for c in args.concurrency:
+        runs_t, runs_n = [], []
+        for rep in range(args.repeats):
+            runs_t.append(_measure_run(args, tgq, c, args.rounds, args.deadline, rep))
+            runs_n.append(_measure_run(args, naive, c, 0, args.window, rep))
+        out_t[str(c)], out_n[str(c)] = _median_of(runs_t), _median_of(runs_n)
+        pairs = [t["tokens_per_s"] / n["tokens_per_s"] for t, n in zip(runs_t, runs_n) if n["tokens_per_s"]]
+        ratios[str(c)] = {"pairs": [round(r, 2) for r in pairs], "median": stats.median(pairs)}
+        _say(f"C={c}: tgq / one-at-a-time per pair {ratios[str(c)]['pairs']}")
+    return out_t, out_n, ratios
+
+
+def _measure_run(args: argparse.Namespace, stack: TgqStack, c: int, rounds: int, deadline: float | None,
+                 rep: int) -> dict[str, Any]:
+    """One load run of `stack` at C=c, with its Redis traffic and the workers' steps and round trips."""
+    before_r, before_w, before_m = stack.redis_counters(), stack.round_trips(), stack.worker_samples()
+    res = _load(args, stack.url, "tgi", c, max(1, c * rounds) if rounds else max(2, c), deadline)
+    after_r, after_w, after_m = stack.redis_counters(), stack.round_trips(), stack.worker_samples()
+    by_cmd = stats.counter_delta(before_r["commands"], after_r["commands"])
+    if before_m is not None and after_m is not None:
+        res["workers"] = _worker_deltas(before_m, after_m)
+    srv = res.get("server") or {}
+    steps = (srv.get("decode_steps") or 0) + (srv.get("prefill_steps") or 0)
+    if not steps and res.get("workers"):  # the API did not export the batch families
+        steps = (res["workers"]["decode_steps"] or 0) + (res["workers"]["prefill_steps"] or 0)
+    segments = None if before_w is None or after_w is None else after_w - before_w
+    # Round trips as the workers count them (a command or a whole pipeline is one send); TCP
+    # segments overcount: redis-py writes a large pipeline in several chunks.
+    trips = (res.get("workers") or {}).get("redis_round_trips")
+    res["redis"] = {
+        "commands": sum(by_cmd.values()), "by_command": by_cmd, "reads": after_r["reads"] - before_r["reads"],
+        "worker_round_trips": trips, "worker_tcp_segments": segments, "steps": steps,
+        "worker_round_trips_per_step": (trips / steps) if trips is not None and steps else None,
+        "commands_per_step": (sum(by_cmd.values()) / steps) if steps else None,
+    }
+    dead = [w.name for w in stack.workers if not w.alive()]
+    if dead:
+        res["dead_workers"] = dead
+        note = f"{stack.label} c={c}: worker(s) {', '.join(dead)} exited during the run: " + \
+            " | ".join(w.tail(300).strip().splitlines()[-1] for w in stack.workers if not w.alive())
+        if note not in stack.problems:
+            stack.problems.append(note)
+    if res["cut_at_deadline"]:
+        res["cancelled_leftovers"] = stack.cancel_leftovers()
+        _settle(args, stack.url, "tgi")
+    _say(f"{stack.label} c={c} run {rep + 1}/{args.repeats}: {res['tokens_per_s']:.1f} tok/s, "
+         f"TTFT p50 {_fmt_ms(res['ttft_s']['p50'])}, ITL p50 {_fmt_ms(res['itl_s']['p50'])}, "
+         f"errors {res['errors']}")
+    return res
 
 
 def _worker_deltas(before: list[dict], after: list[dict]) -> dict[str, Any]:
@@ -236,6 +260,26 @@ def _run_stack(res: dict[str, Any], stack: TgqStack, key: str, rss_label: str,
         stack.stop(res["errors"])
 
 
+def _run_pair(res: dict[str, Any], args: argparse.Namespace, warm_tgq: Callable[[TgqStack], Any],
+              warm_naive: Callable[[TgqStack], Any]) -> None:
+    """Both stacks up at once (the idle one waits on Redis, using no CPU); runs alternate between them."""
+    tgq = TgqStack(args, "tgq", 1, args.threads)
+    naive = TgqStack(args, "naive", 1, args.threads, naive=True)
+    try:
+        tgq.start()
+        naive.start()
+        warm_tgq(tgq)
+        warm_naive(naive)
+        res["tgq"], res["naive"], res["paired_naive_ratio"] = _measure_paired(args, tgq, naive)
+        res["peak_rss_mib"]["tgq worker"] = _rss_round(tgq.peak_rss_mib())
+        res["peak_rss_mib"]["naive worker"] = _rss_round(naive.peak_rss_mib())
+    except RuntimeError as exc:
+        res["errors"].append(f"tgq/naive stacks: {exc}")
+    finally:
+        naive.stop(res["errors"])
+        tgq.stop(res["errors"])
+
+
 # The memory check: rows as long as the default limits allow (max_input_length 1000, max_total_tokens
 # 1512); the generated prompt of ~980 tokens is 979 tokens long, so 979 + 533 = 1512.
 MEMORY_PROMPT_TOKENS = 980
@@ -257,15 +301,26 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         if res["raw"].get("peak_rss_mib"):
             res["peak_rss_mib"]["raw loop process"] = round(res["raw"]["peak_rss_mib"], 1)
     top = [max(args.concurrency)]
-    def measure_tgq(stack: TgqStack) -> dict[str, Any]:
+    def warm_tgq(stack: TgqStack) -> None:
         _warm_up(args, stack.url, "tgi")
+
+    def warm_naive(stack: TgqStack) -> None:
+        _load(args, stack.url, "tgi", 1, 1, 120, new_tokens=8)
+
+    def measure_tgq(stack: TgqStack) -> dict[str, Any]:
+        warm_tgq(stack)
         return _measure_stack(args, stack, args.concurrency, args.rounds, args.deadline)
 
     def measure_naive(stack: TgqStack) -> dict[str, Any]:
-        _load(args, stack.url, "tgi", 1, 1, 120, new_tokens=8)
+        warm_naive(stack)
         return _measure_stack(args, stack, args.concurrency, 0, args.window)
 
-    if "tgq" not in skip:
+    paired = "tgq" not in skip and "naive" not in skip
+    if paired:
+        _say(f"tgq and the naive baseline, 1 worker each, {args.threads} thread(s), runs alternating "
+             f"(naive: {args.window:.0f} s window per run)")
+        _run_pair(res, args, warm_tgq, warm_naive)
+    elif "tgq" not in skip:
         _say(f"tgq: 1 worker, {args.threads} thread(s)")
         _run_stack(res, TgqStack(args, "tgq", 1, args.threads), "tgq", "tgq worker", measure_tgq)
     if "memory" not in skip:
@@ -281,7 +336,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             return picked
 
         _run_stack(res, TgqStack(args, "memory", 1, args.threads), "memory", "tgq worker, long rows", measure_memory)
-    if "naive" not in skip:
+    if "naive" not in skip and not paired:
         _say(f"naive baseline: 1 worker, {args.threads} thread(s), {args.window:.0f} s window per run")
         _run_stack(res, TgqStack(args, "naive", 1, args.threads, naive=True), "naive", "naive worker",
                    measure_naive)
