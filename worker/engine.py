@@ -37,6 +37,7 @@ class EventSink(Protocol):
     def step_done(self, events: list[Event], running: list[GenerationJob]) -> set[str]: ...
     # called once per step with ALL of the step's events (token, final, error) and the rows still running;
     # publishes the events, renews leases, and returns the request_ids (among running) that were cancelled. One round trip.
+    # A sink may overlap that round trip with the next step (worker.pipelined): the ids then arrive one step later.
     def finished(self, leaving: Sequence[tuple[GenerationJob, FinalEvent | ErrorEvent | None]]) -> None: ...
     # called once per step with every job that left: its final/error event, or None when it was cancelled
 

@@ -49,6 +49,7 @@ def run_worker(redis_settings: RedisSettings, model_settings: ModelSettings, lim
     from .engine import Engine
     from .metrics import EngineMetrics
     from .model import load_model
+    from .pipelined import PipelinedJobs
     from .rq_worker import BatchWorker, RedisJobs, retry_redis
 
     stop = StopFlag()
@@ -80,12 +81,13 @@ def run_worker(redis_settings: RedisSettings, model_settings: ModelSettings, lim
         start_http_server(settings.metrics_port, registry=metrics.registry)
         log.info("worker metrics on :%d/metrics", settings.metrics_port)
 
-    engine = Engine(loaded, settings, limits, jobs, jobs, metrics)
+    io = PipelinedJobs(jobs)
+    engine = Engine(loaded, settings, limits, io, io, metrics)
     log.info("worker %s listening on %s (max batch %d)", name, queue.name, settings.max_batch_size)
     try:
         engine.run(should_stop=stop, grace_s=settings.grace_period)
     finally:
-        jobs.close()
+        io.close()
         rq_worker.register_death()
         log.info("worker %s stopped", name)
     return 0

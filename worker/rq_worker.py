@@ -262,21 +262,29 @@ class RedisJobs:
             self.queue.enqueue_job(running.rq_job, at_front=True)
 
     # ---- EventSink -----------------------------------------------------------------------
-    def step_done(self, events: list[Event], running: list[GenerationJob]) -> set[str]:
+    def step_done(self, events: list[Event], running: list[GenerationJob],
+                  increments: dict[str, float] | None = None, batch_size: int | None = None) -> set[str]:
         """Publish the step's events, read the rows' cancel flags, renew leases: one round trip.
 
-        During a Redis outage the loop waits here (re-sending is harmless: the API drops token
-        indexes it already relayed)."""
+        `increments` and `batch_size` are the engine's metrics for the step (read from
+        `take_metric_increments` and `current_batch_size` when not given). During a Redis outage the
+        loop waits here (re-sending is harmless: the API drops token indexes it already relayed)."""
+        if increments is None:
+            increments = self.take_metric_increments()
+        if batch_size is None:
+            batch_size = self.current_batch_size()
+
         def attempt() -> set[str]:
             try:
-                return self._step_done(events, running)
+                return self._step_done(events, running, increments, batch_size)
             except redis.exceptions.NoScriptError:  # Redis restarted and lost its script cache
                 self._fence_sha = ""
-                return self._step_done(events, running)
+                return self._step_done(events, running, increments, batch_size)
 
         return retry_redis(attempt, "step")
 
-    def _step_done(self, events: list[Event], running: list[GenerationJob]) -> set[str]:
+    def _step_done(self, events: list[Event], running: list[GenerationJob], increments: dict[str, float],
+                   batch_size: int) -> set[str]:
         renewing = time.monotonic() - self._last_renewal >= self._renew_every_s
         if not self._fence_sha:
             self._fence_sha = self.redis.script_load(FENCED_PUBLISH)
@@ -298,8 +306,8 @@ class RedisJobs:
             pipe.evalsha(self._fence_sha, len(keys), *keys, *args)
         if renewing:
             self._renew_leases(pipe, running)
-        pipe.set(self._batch_key, self.current_batch_size(), ex=self._batch_key_ttl_s)
-        self._add_metrics(pipe)
+        pipe.set(self._batch_key, batch_size, ex=self._batch_key_ttl_s)
+        self._add_metrics(pipe, increments)
         pipe.llen(self.queue.key)
         results = pipe.execute()
         self._waiting_hint = int(results[-1])
@@ -321,9 +329,9 @@ class RedisJobs:
         if requeued:
             self._waiting_hint = 1  # jobs (maybe) went back on the queue
 
-    def _add_metrics(self, pipe: redis.client.Pipeline) -> None:
+    def _add_metrics(self, pipe: redis.client.Pipeline, increments: dict[str, float]) -> None:
         key = protocol.batch_metrics_key(self.model_id)
-        for field, amount in self.take_metric_increments().items():
+        for field, amount in increments.items():
             if float(amount).is_integer():
                 pipe.hincrby(key, field, int(amount))
             else:
