@@ -35,6 +35,14 @@ class Stack:
             w.stop(40)
 
 
+@pytest.fixture
+def conn(redis_url):
+    """A client of the test's Redis database."""
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from tests.support.tiny_model import build_tiny_model

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import redis
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
@@ -13,13 +12,6 @@ from worker.pipelined import PipelinedJobs
 from .test_rq_bookkeeping import enqueue, final, make_jobs
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def conn(redis_url):
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
 
 
 def token(job, index: int) -> TokenEvent:

@@ -23,13 +23,6 @@ from worker.rq_worker import BatchWorker, RedisJobs
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def conn(redis_url):
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
 def enqueue(conn, queue, reply_to="tgq:reply:test") -> GenerationJob:
     job = GenerationJob(request_id=uuid.uuid4().hex, input_ids=(1, 2, 3), sampling=SamplingParams(seed=7),
                         stopping=StoppingParams(max_new_tokens=2), reply_to=reply_to, enqueued_at=time.time())
