@@ -22,6 +22,7 @@ transformers' own forward and declines (the caller keeps transformers' forward) 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -105,6 +106,9 @@ class FastLlama:
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_q)
         self.inter = int(cfg.intermediate_size)
         self.scale = float(decoder.layers[0].self_attn.scaling)
+        # Scaling by a power of two is exact, so scale and mask can join the scores' matmul (one
+        # baddbmm, rounded once) and still give the same bf16 scores as matmul, * scale, + mask.
+        self.fold_scale = math.frexp(self.scale)[0] == 0.5
         self._cos, self._sin = self._rope_tables(cfg)
 
         def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
@@ -152,10 +156,13 @@ class FastLlama:
         # transformers' LlamaRMSNorm: normalise in fp32, round to the input dtype, then scale.
         return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * weight
 
-    def _rope(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _rope(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """transformers' q * cos + rotate_half(q) * sin, with rotate_half's negation moved into the sin
+        table (`signed_sin`: its first half negated, once per forward): -a * b == a * -b exactly."""
         half = qk.shape[-1] // 2
-        rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
-        return qk * cos + rotated * sin
+        rotated = torch.cat((qk[..., half:], qk[..., :half]), dim=-1)
+        return qk * cos + rotated * signed_sin
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -164,6 +171,8 @@ class FastLlama:
         b, t = input_ids.shape
         x = self.embed(input_ids)
         cos, sin = self._rotary(x, position_ids)
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]: broadcast over heads
         n_q, n_kv, d = self.n_q, self.n_kv, self.head_dim
         bias: torch.Tensor | None = None
@@ -185,27 +194,32 @@ class FastLlama:
             x = residual + layer.down(F.silu(gu[..., :self.inter]) * gu[..., self.inter:])
         return self._norm(x, self.final_norm)
 
-    @staticmethod
-    def _decode_bias(mask: torch.Tensor, slots: SlotLayer) -> torch.Tensor:
-        """Additive mask over the buffer's columns: 0 where the row attends, -inf elsewhere (exact in bf16)."""
+    def _decode_bias(self, mask: torch.Tensor, slots: SlotLayer) -> torch.Tensor:
+        """Additive mask over the buffer's columns, [B * n_kv, groups, C]: 0 where the row attends,
+        -inf elsewhere (exact in bf16). Laid out as the grouped scores, so it can be baddbmm's input."""
         rows, columns = mask.shape[0], slots.kbuf.shape[2]
         bias = torch.full((rows, 1, 1, columns), float("-inf"), dtype=slots.kbuf.dtype, device=mask.device)
         bias[..., slots.start:slots.end].masked_fill_(mask, 0.0)
-        return bias
+        groups = self.n_q // self.n_kv
+        return bias.expand(rows, self.n_kv, groups, columns).reshape(rows * self.n_kv, groups, columns)
 
     def _decode_attention(self, q: torch.Tensor, slots: SlotLayer, bias: torch.Tensor) -> torch.Tensor:
         """One query per row: q [B, n_q, 1, D] against the whole (contiguous) buffer of the rows.
 
-        transformers' eager arithmetic: scores as a matmul in the model dtype, scaled there; the
-        softmax computes in fp32 internally and rounds its output to the model dtype."""
-        b = q.shape[0]
-        keys = slots.kbuf[:b]  # [B, n_kv, C, D]
-        values = slots.vbuf[:b]
+        transformers' eager arithmetic: scores as a matmul in the model dtype, scaled there, plus the
+        mask; the softmax computes in fp32 internally and rounds its output to the model dtype."""
+        b, n_kv, d = q.shape[0], self.n_kv, self.head_dim
+        columns = slots.kbuf.shape[2]
+        keys = slots.kbuf[:b].view(b * n_kv, columns, d)
+        values = slots.vbuf[:b].view(b * n_kv, columns, d)
         # Query head h reads KV head h // groups (transformers' repeat_kv): group them per KV head.
-        grouped = q.reshape(b, self.n_kv, self.n_q // self.n_kv, self.head_dim)
-        scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(self.scale).add_(bias)
+        grouped = q.reshape(b * n_kv, self.n_q // n_kv, d)
+        if self.fold_scale:
+            scores = torch.baddbmm(bias, grouped, keys.transpose(1, 2), alpha=self.scale)
+        else:
+            scores = torch.bmm(grouped, keys.transpose(1, 2)).mul_(self.scale).add_(bias)
         probs = torch.softmax(scores, dim=-1)
-        return torch.matmul(probs, values).reshape(b, 1, self.n_q * self.head_dim)
+        return torch.bmm(probs, values).view(b, 1, self.n_q * d)
 
     def _prefill_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                            mask: torch.Tensor) -> torch.Tensor:

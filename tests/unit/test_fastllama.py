@@ -91,3 +91,20 @@ def test_rotary_tables_hold_what_transformers_computes_per_call(tiny_loaded):
     for positions in (inside, beyond):
         got, want = fast._rotary(x, positions), fast.rotary(x, positions)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_decode_attention_with_a_scale_that_is_not_a_power_of_two():
+    """head_dim 12: the scores are scaled after the matmul (no baddbmm); logits still match transformers'."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).eval()
+    fast = fastllama.FastLlama(model, 4, pack=False)
+    assert not fast.fold_scale
+    assert fastllama.probe_deviation(model, fast) < 1e-4
+
+
+def test_power_of_two_scales_fold_into_the_scores_matmul(tiny_loaded):
+    assert tiny_loaded.fast.fold_scale  # head_dim 16: scale 1/4
