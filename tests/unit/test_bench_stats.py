@@ -168,3 +168,18 @@ def test_summarize_run_counts_tokens_and_gaps():
     assert res["itl_s"]["count"] == 3 and res["itl_s"]["max"] == pytest.approx(0.2)
     assert res["latency_s"]["count"] == 1 and res["finish_reasons"] == {"length": 1}
     json.dumps(res)
+
+
+def test_table_uses_the_median_of_paired_ratios_when_runs_alternated():
+    from bench.report import format_table
+
+    cfg = {"model": "m", "dtype": "bf16", "threads": 2, "new_tokens": 128, "prompt_tokens": 32, "repeats": 3,
+           "loadavg_start": [0.1], "concurrency": [32]}
+    res = {"config": cfg, "tgq": {"32": {"tokens_per_s": 400.0}}, "naive": {"32": {"tokens_per_s": 20.0}}}
+    row = [ln for ln in format_table(res).splitlines() if ln.strip().startswith("32 |")][0]
+    assert "20.00x" in row  # without pairs: the ratio of the medians
+    res["paired_naive_ratio"] = {"32": {"pairs": [13.5, 14.6, 15.2], "median": 14.6}}
+    table = format_table(res)
+    row = [ln for ln in table.splitlines() if ln.strip().startswith("32 |")][0]
+    assert "14.60x" in row and "20.00x" not in row
+    assert "Pairs at C=32: 13.50, 14.60, 15.20" in table
