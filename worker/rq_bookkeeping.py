@@ -31,8 +31,9 @@ from common.reaper import record_failure
 # Move up to ARGV[1] job ids from the queue to RQ's intermediate queue, as RQ's dequeue does, claim
 # each for this worker (ARGV[5], for ARGV[6] s) and describe it: its job hash and whether its request
 # was cancelled while it waited. Ids popped earlier by a blocking wait (ARGV[7..]) are taken too, but
-# only if they are still in the intermediate queue and nobody claimed them (a reaper may have handed
-# them back, and another worker taken them, while this worker was stopped). Ids whose job hash is
+# only if they are still in the intermediate queue and nobody else claimed them (a reaper may have
+# handed them back, and another worker taken them, while this worker was stopped; a take whose start
+# failed on a Redis error leaves them claimed by this worker). Ids whose job hash is
 # gone (expired) are dropped, and so is a queue entry for a job another worker holds a claim on (a
 # duplicate). Returns {descriptions, queue length after}.
 # KEYS: queue, intermediate queue. ARGV: count, job key prefix, cancel key prefix, claim key prefix,
@@ -45,9 +46,13 @@ local function take(id, popped_now)
     redis.call('LREM', KEYS[2], -1, id)
     return
   end
-  if not redis.call('SET', ARGV[4] .. id, ARGV[5], 'NX', 'EX', ARGV[6]) then
-    if popped_now then redis.call('LREM', KEYS[2], -1, id) end
-    return
+  local claim = ARGV[4] .. id
+  if not redis.call('SET', claim, ARGV[5], 'NX', 'EX', ARGV[6]) then
+    if popped_now then
+      redis.call('LREM', KEYS[2], -1, id)
+      return
+    end
+    if redis.call('GET', claim) ~= ARGV[5] then return end
   end
   taken[#taken + 1] = {id, redis.call('EXISTS', ARGV[3] .. id), fields}
 end

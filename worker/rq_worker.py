@@ -156,10 +156,15 @@ class RedisJobs:
         if not taken:
             return []
         try:
-            return self._start(taken)
-        except redis.exceptions.NoScriptError:  # Redis restarted and lost its script cache
-            self._claim_sha = ""
-            return self._start(taken)
+            try:
+                return self._start(taken)
+            except redis.exceptions.NoScriptError:  # Redis restarted and lost its script cache
+                self._claim_sha = ""
+                return self._start(taken)
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Still claimed by this worker in the intermediate queue: the retry takes them again.
+            self._stash = [raw_id.decode() for raw_id, _, _ in taken] + self._stash
+            raise
 
     def _take(self, max_jobs: int) -> list[Any]:
         """Move up to `max_jobs` waiting jobs to RQ's intermediate queue, claimed for this worker."""

@@ -176,6 +176,17 @@ def test_a_job_popped_by_a_stalled_wait_is_taken_by_one_worker_only(conn):
     assert conn.get(protocol.claim_key(job.request_id)) is None  # a started job has a lease, not a claim
 
 
+def test_jobs_taken_but_not_started_are_taken_again_by_the_same_worker(conn):
+    """What a Redis error between take and start leaves: jobs claimed by this worker, kept for the retry."""
+    queue, _, jobs = make_jobs(conn)
+    job = enqueue(conn, queue)
+    jobs._take(1)  # claimed; the start never happened
+    jobs._stash = [job.request_id]  # what _fetch keeps when the start fails on a Redis error
+    assert [j.request_id for j in jobs.fetch(1)] == [job.request_id]
+    assert status_of(conn, job.request_id) == JobStatus.STARTED
+    assert conn.lrange(queue.intermediate_queue_key, 0, -1) == []
+
+
 def test_a_duplicate_queue_entry_of_a_claimed_job_is_dropped(conn):
     queue, _, first = make_jobs(conn, name="first")
     _, _, second = make_jobs(conn, name="second")
