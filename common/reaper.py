@@ -23,13 +23,13 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.exceptions import NoSuchJobError
 from rq.registry import FailedJobRegistry, StartedJobRegistry
-from rq.results import Result
 from rq.defaults import DEFAULT_RESULT_TTL
+from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
 from . import protocol
-from .schemas import ErrorEvent, FinalEvent
+from .schemas import ErrorEvent, Event, FinalEvent
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +96,25 @@ def reap_stranded(connection: redis.Redis, queue: Queue, stranded_after_s: float
     return handled
 
 
-def _record_end(connection: redis.Redis, queue: Queue, job: Job, event: object) -> None:
+def _record_end(connection: redis.Redis, queue: Queue, job: Job, event: Event) -> None:
     """Record in RQ the end its worker already published (and stored) but did not record."""
     log.warning("job %s: lease expired after its final event was published; recorded as ended, not re-run", job.id)
     with connection.pipeline() as pipe:
         if isinstance(event, FinalEvent):
-            record_success(pipe, job, {"generated_tokens": event.generated_tokens,
-                                       "finish_reason": event.finish_reason.value})
-        else:
-            reason = f"{event.error_type}: {event.message}" if isinstance(event, ErrorEvent) else "ended"
-            record_failure(pipe, queue, job, reason)
+            record_success(pipe, job, success_result(event))
+        else:  # only final and error events are stored as results
+            record_failure(pipe, queue, job, failure_reason(event) if isinstance(event, ErrorEvent) else "ended")
         pipe.execute()
+
+
+def success_result(event: FinalEvent) -> dict[str, object]:
+    """What RQ keeps as a finished tgq job's return value."""
+    return {"generated_tokens": event.generated_tokens, "finish_reason": event.finish_reason.value}
+
+
+def failure_reason(event: ErrorEvent) -> str:
+    """What RQ keeps as a failed tgq job's reason."""
+    return f"{event.error_type}: {event.message}"
 
 
 def _fail(connection: redis.Redis, queue: Queue, job: Job, attempts: int) -> None:

@@ -1,11 +1,13 @@
 """The one place that builds Redis clients (password and TLS come in through the URL)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, TypeVar
 
 import redis
 
 from .settings import RedisSettings
+
+T = TypeVar("T")
 
 
 def connect(settings: RedisSettings, *, socket_timeout: float | None = 30.0,
@@ -34,3 +36,28 @@ def count_round_trips(client: redis.Redis) -> Callable[[], int]:
 
     client.connection_pool.connection_class = Counting
     return lambda: sent[0]
+
+
+class PipelinedScript:
+    """A Lua script called by its hash from inside pipelines.
+
+    redis-py's Script objects make every pipeline that holds one ask SCRIPT EXISTS first (a second
+    round trip); this loads the script once, and again after Redis lost its script cache (a restart):
+    `retrying` runs a call that queues the script once more if it failed with NoScriptError."""
+
+    def __init__(self, connection: redis.Redis, source: str) -> None:
+        self.connection = connection
+        self.source = source
+        self._sha = ""
+
+    def queue(self, pipe: redis.client.Pipeline, keys: list[str], args: list[object]) -> None:
+        if not self._sha:
+            self._sha = self.connection.script_load(self.source)
+        pipe.evalsha(self._sha, len(keys), *keys, *args)
+
+    def retrying(self, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except redis.exceptions.NoScriptError:
+            self._sha = ""
+            return call()

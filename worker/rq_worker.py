@@ -40,7 +40,8 @@ from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
 from common import protocol
-from common.reaper import reap_expired, reap_stranded
+from common.reaper import failure_reason, reap_expired, reap_stranded, success_result
+from common.redis_client import PipelinedScript
 from common.schemas import ErrorEvent, Event, FinalEvent, GenerationJob
 
 from .rq_bookkeeping import (CLAIMED_WRITES, TAKE_JOBS, ClaimedWrites, mark_canceled, mark_failed, mark_started,
@@ -124,10 +125,8 @@ class RedisJobs:
         self.started_registry = StartedJobRegistry(queue.name, connection, serializer=JSONSerializer)
         self.held: dict[str, Running] = {}
         self.lost: set[str] = set()  # held jobs whose lease was reaped; dropped at the next step
-        # Called by hash inside the step pipeline. (redis-py's Script objects would make every
-        # pipeline that holds one ask SCRIPT EXISTS first: a second round trip per step.)
-        self._fence_sha = ""
-        self._claim_sha = ""  # CLAIMED_WRITES, called the same way
+        self._fenced_publish = PipelinedScript(connection, FENCED_PUBLISH)
+        self._claimed_writes = PipelinedScript(connection, CLAIMED_WRITES)
         self._stash: list[str] = []  # ids a blocking wait moved to the intermediate queue
         self._take_jobs = connection.register_script(TAKE_JOBS)
         self._renew_every_s = renew_every_s
@@ -156,11 +155,7 @@ class RedisJobs:
         if not taken:
             return []
         try:
-            try:
-                return self._start(taken)
-            except redis.exceptions.NoScriptError:  # Redis restarted and lost its script cache
-                self._claim_sha = ""
-                return self._start(taken)
+            return self._claimed_writes.retrying(lambda: self._start(taken))
         except (redis.ConnectionError, redis.TimeoutError):
             # Still claimed by this worker in the intermediate queue: the retry takes them again.
             self._stash = [raw_id.decode() for raw_id, _, _ in taken] + self._stash
@@ -194,11 +189,9 @@ class RedisJobs:
                 continue
             execution = mark_started(pipe, self.worker, self.queue, rq_job, self.worker.lease_ttl)
             candidates.append((job, Running(job, rq_job, execution)))
-        if not self._claim_sha:
-            self._claim_sha = self.redis.script_load(CLAIMED_WRITES)
         keys, args = writes.script_call()
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.evalsha(self._claim_sha, len(keys), *keys, *args)
+            self._claimed_writes.queue(pipe, keys, args)
             if any(candidates):
                 self.worker.set_state(WorkerStatus.BUSY, pipeline=pipe)
             written = pipe.execute()[0]
@@ -279,20 +272,12 @@ class RedisJobs:
         if batch_size is None:
             batch_size = self.current_batch_size()
 
-        def attempt() -> set[str]:
-            try:
-                return self._step_done(events, running, increments, batch_size)
-            except redis.exceptions.NoScriptError:  # Redis restarted and lost its script cache
-                self._fence_sha = ""
-                return self._step_done(events, running, increments, batch_size)
-
-        return retry_redis(attempt, "step")
+        return retry_redis(lambda: self._fenced_publish.retrying(
+            lambda: self._step_done(events, running, increments, batch_size)), "step")
 
     def _step_done(self, events: list[Event], running: list[GenerationJob], increments: dict[str, float],
                    batch_size: int) -> set[str]:
         renewing = time.monotonic() - self._last_renewal >= self._renew_every_s
-        if not self._fence_sha:
-            self._fence_sha = self.redis.script_load(FENCED_PUBLISH)
         pipe = self.redis.pipeline(transaction=False)
         if running:  # first, so its reply is results[0]
             pipe.mget([protocol.cancel_key(job.request_id) for job in running])
@@ -308,7 +293,7 @@ class RedisJobs:
             args += [held.execution.composite_key, protocol.encode_event(event), keep_s]
             fenced.append(event.request_id)
         if fenced:
-            pipe.evalsha(self._fence_sha, len(keys), *keys, *args)
+            self._fenced_publish.queue(pipe, keys, args)
         if renewing:
             self._renew_leases(pipe, running)
         pipe.set(self._batch_key, batch_size, ex=self._batch_key_ttl_s)
@@ -369,12 +354,9 @@ class RedisJobs:
             for held, event in ended:
                 rq_job, execution = held.rq_job, held.execution
                 if isinstance(event, FinalEvent):
-                    mark_succeeded(pipe, self.worker, rq_job, execution,
-                                   {"generated_tokens": event.generated_tokens,
-                                    "finish_reason": event.finish_reason.value})
+                    mark_succeeded(pipe, self.worker, rq_job, execution, success_result(event))
                 elif isinstance(event, ErrorEvent):
-                    mark_failed(pipe, self.worker, self.queue, rq_job, execution,
-                                f"{event.error_type}: {event.message}")
+                    mark_failed(pipe, self.worker, self.queue, rq_job, execution, failure_reason(event))
                 else:
                     mark_canceled(pipe, self.worker, self.queue, rq_job, execution)
             if not self.held:

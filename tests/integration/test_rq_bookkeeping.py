@@ -176,6 +176,24 @@ def test_a_job_popped_by_a_stalled_wait_is_taken_by_one_worker_only(conn):
     assert conn.get(protocol.claim_key(job.request_id)) is None  # a started job has a lease, not a claim
 
 
+def test_taking_and_publishing_survive_redis_losing_its_script_cache(conn):
+    """After a Redis restart the scripts are gone: the worker loads them again and goes on."""
+    queue, _, jobs = make_jobs(conn)
+    first = enqueue(conn, queue)
+    [taken] = jobs.fetch(1)  # both scripts loaded and used once
+    assert jobs.step_done([TokenEvent(taken.request_id, 0, 0, Token(4, "y", -0.1, False))], [taken]) == set()
+    conn.script_flush()
+    second = enqueue(conn, queue)
+    jobs.step_done([], [taken])  # reads the queue length: a job waits
+    assert [j.request_id for j in jobs.fetch(1)] == [second.request_id]
+    sub = conn.pubsub()
+    sub.subscribe(first.reply_to)
+    sub.get_message(timeout=1)
+    end = final(taken)
+    assert jobs.step_done([end], [taken]) == set()
+    assert protocol.decode_event(sub.get_message(timeout=1)["data"]) == end
+
+
 def test_jobs_taken_but_not_started_are_taken_again_by_the_same_worker(conn):
     """What a Redis error between take and start leaves: jobs claimed by this worker, kept for the retry."""
     queue, _, jobs = make_jobs(conn)
