@@ -22,7 +22,7 @@ def format_table(res: dict[str, Any]) -> str:
     tgq, naive = res.get("tgq") or {}, res.get("naive") or {}
     llq, llb = res.get("llamacpp_q4_1") or {}, res.get("llamacpp_bf16") or {}
     paired = res.get("paired_naive_ratio") or {}
-    lines = [f"model {cfg['model']}  dtype {cfg['dtype']}  threads {cfg['threads']}  new tokens {cfg['new_tokens']}  "
+    lines = [f"model {cfg['model']}  device {cfg.get('device', 'cpu')}  dtype {cfg['dtype']}  threads {cfg['threads']}  new tokens {cfg['new_tokens']}  "
              f"prompt ~{cfg['prompt_tokens']} tokens  repeats {cfg['repeats']} (medians)  load avg at start "
              f"{cfg['loadavg_start']}", ""]
     head = (f"{'C':>3} | {'raw loop':>8} {'engine':>7} | {'tgq tok/s':>9} {'TTFT p50':>8} {'ITL p50':>7} "

@@ -150,7 +150,7 @@ class TgqStack:
         if a.cache_dir:
             model_flags += ["--cache-dir", a.cache_dir]
         for i in range(self.n_workers):
-            worker_flags = model_flags + ["--dtype", a.dtype, "--threads", str(self.threads),
+            worker_flags = model_flags + ["--device", a.device, "--dtype", a.dtype, "--threads", str(self.threads),
                                           "--max-batch-size", str(a.max_batch_size), "--name", f"{self.label}-{i}"]
             if self.naive:
                 cmd = [sys.executable, "-m", "bench.naive_worker", *worker_flags]

@@ -206,7 +206,7 @@ def _raw_child(args: argparse.Namespace) -> int:
     from worker.model import load_model
 
     source = model_files.resolve(args.model)
-    loaded = load_model(source, args.cache_dir, "cpu", args.dtype, args.threads)
+    loaded = load_model(source, args.cache_dir, args.device, args.dtype, args.threads)
     out: dict[str, Any] = {"raw": {}, "engine": {}, "errors": []}
     try:
         from worker.rawloop import engine_decode_tokps, raw_decode_tokps
@@ -230,7 +230,7 @@ def _raw_child(args: argparse.Namespace) -> int:
 
 def _run_raw(args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.suite", "--raw-child", "--model", args.model, "--dtype", args.dtype,
-           "--threads", str(args.threads), "--concurrency", ",".join(map(str, args.concurrency)),
+           "--device", args.device, "--threads", str(args.threads), "--concurrency", ",".join(map(str, args.concurrency)),
            "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens),
            "--repeats", str(args.repeats)]
     if args.cache_dir:
@@ -286,9 +286,18 @@ MEMORY_PROMPT_TOKENS = 980
 MEMORY_NEW_TOKENS = 533
 
 
+def _device_name(device: str) -> str:
+    """What ran the model, as the report names it: the GPU's name on CUDA."""
+    if device != "cuda":
+        return device
+    import torch
+
+    return f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cuda (not available)"
+
+
 def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"config": {
-        "model": args.model, "dtype": args.dtype, "threads": args.threads, "concurrency": args.concurrency,
+        "model": args.model, "dtype": args.dtype, "device": _device_name(args.device), "threads": args.threads, "concurrency": args.concurrency,
         "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
         "quick": args.quick, "rounds": args.rounds, "naive_window_s": args.window, "api_workers": args.api_workers,
         "loadavg_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
@@ -413,6 +422,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke check: C=1,8, 32 new tokens, 1 repeat, short windows")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the workers and the raw loop run the model (llama.cpp stays on the CPU)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker (and llama.cpp threads); 1 leaves a core to the API, Redis "
                         "and the client on a 2-core machine")

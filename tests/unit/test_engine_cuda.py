@@ -1,0 +1,60 @@
+"""The engine on CUDA runs the same code as on CPU (skipped where no GPU is present, as in CI here).
+
+On a GPU machine: `python -m pytest tests/unit/test_engine_cuda.py`."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.model_files import resolve
+from worker.model import load_model
+
+from .test_engine import PROMPTS, generated_ids, job, run_engine
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def cuda_fp32(tiny_model_dir):
+    return load_model(resolve(str(tiny_model_dir)), "", "cuda", "fp32", 1)
+
+
+@pytest.fixture(scope="module")
+def cuda_bf16(tiny_model_dir):
+    return load_model(resolve(str(tiny_model_dir)), "", "cuda", "bf16", 1)
+
+
+def _arrivals():
+    return {0: [job("r0", PROMPTS[0], n=6), job("r1", PROMPTS[1], n=8)],
+            2: [job("r2", PROMPTS[2], n=10)], 5: [job("r3", PROMPTS[3], n=12)]}
+
+
+def test_fused_forward_is_used_on_cuda_in_both_dtypes(cuda_fp32, cuda_bf16):
+    for loaded in (cuda_fp32, cuda_bf16):
+        assert loaded.device.type == "cuda"
+        assert loaded.fast is not None  # it matched transformers' logits on the GPU too
+        assert next(loaded.model.parameters()).is_cuda
+
+
+def test_cuda_greedy_tokens_equal_the_cpu_ones_and_do_not_depend_on_the_batch(cuda_fp32, tiny_loaded):
+    _, _, on_gpu = run_engine(cuda_fp32, _arrivals())
+    _, _, on_cpu = run_engine(tiny_loaded, _arrivals())
+    for i, p in enumerate(PROMPTS):
+        rid = f"r{i}"
+        _, _, alone = run_engine(cuda_fp32, {0: [job(rid, p, n=6 + 2 * i)]})
+        assert len(generated_ids(on_gpu, rid)) == 6 + 2 * i
+        assert generated_ids(on_gpu, rid) == generated_ids(alone, rid) == generated_ids(on_cpu, rid), rid
+
+
+def test_cuda_bf16_serves_mixed_sampling_rows_and_seeds_repeat(cuda_bf16):
+    params = dict(do_sample=True, temperature=0.9, top_k=20, top_p=0.95, repetition_penalty=1.2, seed=77)
+    _, _, alone = run_engine(cuda_bf16, {0: [job("s", PROMPTS[0], n=10, **params)]})
+    _, _, again = run_engine(cuda_bf16, {0: [job("s", PROMPTS[0], n=10, **params)]})
+    arrivals = {0: [job("g", PROMPTS[1], n=12), job("w", PROMPTS[2], n=8, watermark=True, do_sample=True, seed=3)],
+                1: [job("s", PROMPTS[0], n=10, **params), job("t", PROMPTS[3], n=9, typical_p=0.9, do_sample=True,
+                                                                 seed=5)]}
+    _, _, mixed = run_engine(cuda_bf16, arrivals)
+    assert len(generated_ids(alone, "s")) == 10
+    assert generated_ids(alone, "s") == generated_ids(again, "s")
+    assert [len(generated_ids(mixed, r)) for r in "gwst"] == [12, 8, 10, 9]
+    assert mixed.result("s").seed == 77
