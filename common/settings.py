@@ -135,6 +135,8 @@ class WorkerSettings:
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
     fused_forward: bool = _opt(True, "run Llama models through tgq's fused forward (worker/fastllama.py; used only "
                                      "if it matches transformers' logits at load); false: transformers' forward")
+    cuda_graphs: bool = _opt(True, "on CUDA, replay decode steps of the fused forward as CUDA graphs (captured per "
+                                   "padded batch size and KV-buffer size)")
     max_batch_total_tokens: int = _opt(0, "token budget of the running batch (0: max_batch_size * max_total_tokens)")
     max_batch_prefill_tokens: int = _opt(4096, "most prompt tokens admitted (and prefilled) at once")
     prefill_chunk_tokens: int = _opt(512, "while rows decode, most prompt tokens prefilled between two decode "

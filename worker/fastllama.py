@@ -171,28 +171,74 @@ class FastLlama:
         b, t = input_ids.shape
         x = self.embed(input_ids)
         cos, sin = self._rotary(x, position_ids)
-        half = sin.shape[-1] // 2
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]: broadcast over heads
-        n_q, n_kv, d = self.n_q, self.n_kv, self.head_dim
+        cos, sin = self._rope_factors(cos, sin)
         bias: torch.Tensor | None = None
         for layer, slots in zip(self.layers, cache.slot_layers):
-            residual = x
-            qkv = layer.qkv(self._norm(x, layer.norm1)).view(b, t, n_q + 2 * n_kv, d)
-            qk = self._rope(qkv[:, :, :n_q + n_kv], cos, sin)
-            q = qk[:, :, :n_q].transpose(1, 2)
-            keys, values = slots.update(qk[:, :, n_q:].transpose(1, 2), qkv[:, :, n_q + n_kv:].transpose(1, 2))
+            q, k, v = self._project(layer, x, cos, sin)
+            keys, values = slots.update(k, v)
             if t == 1:
                 if bias is None or bias.shape[-1] != slots.kbuf.shape[2]:
                     bias = self._decode_bias(attention_mask, slots)
-                attn = self._decode_attention(q, slots, bias)
+                attn = self._decode_attention(q, slots.kbuf[:b], slots.vbuf[:b], bias)
             else:
                 attn = self._prefill_attention(q, keys, values, attention_mask)
-            x = residual + layer.o(attn)
-            residual = x
-            gu = layer.gate_up(self._norm(x, layer.norm2))
-            x = residual + layer.down(F.silu(gu[..., :self.inter]) * gu[..., self.inter:])
+            x = self._finish(layer, x, attn)
         return self._norm(x, self.final_norm)
+
+    @torch.inference_mode()
+    def decode_in_place(self, input_ids: torch.Tensor, position_ids: torch.Tensor, column_bias: torch.Tensor,
+                        column: torch.Tensor, buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """A decode step with no host-side state: what a CUDA graph can capture (worker/graphs.py).
+
+        Row i of `input_ids` [R, 1] writes its keys/values into column `column` ([1] long, on the device)
+        of rows [:R] of each layer's (kbuf, vbuf) and attends over all their columns with the additive
+        `column_bias` [R, C] (0 or -inf). The same arithmetic as `__call__`'s decode path. Returns the
+        final-normed hidden states [R, 1, H]."""
+        rows, columns = column_bias.shape
+        x = self.embed(input_ids)
+        cos, sin = self._rope_factors(self._cos[position_ids], self._sin[position_ids])
+        groups = self.n_q // self.n_kv
+        bias = column_bias[:, None, None, :].expand(rows, self.n_kv, groups, columns)
+        bias = bias.reshape(rows * self.n_kv, groups, columns)
+        for layer, (kbuf, vbuf) in zip(self.layers, buffers):
+            q, k, v = self._project(layer, x, cos, sin)
+            kbuf, vbuf = kbuf[:rows], vbuf[:rows]
+            kbuf.index_copy_(2, column, k)
+            vbuf.index_copy_(2, column, v)
+            x = self._finish(layer, x, self._decode_attention(q, kbuf, vbuf, bias))
+        return self._norm(x, self.final_norm)
+
+    @property
+    def has_rope_tables(self) -> bool:
+        return self._cos is not None and self._sin is not None
+
+    @property
+    def rope_positions(self) -> int:
+        """Positions the rotary tables cover (0 without tables)."""
+        return 0 if self._cos is None else int(self._cos.shape[0])
+
+    @staticmethod
+    def _rope_factors(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T, D] cos/sin -> [B, T, 1, D] (broadcast over heads), sin's first half negated for `_rope`."""
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return cos.unsqueeze(2), sin.unsqueeze(2)
+
+    def _project(self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention's inputs: q [B, n_q, T, D], rotated k and v [B, n_kv, T, D]."""
+        b, t, _ = x.shape
+        n_q, n_kv = self.n_q, self.n_kv
+        qkv = layer.qkv(self._norm(x, layer.norm1)).view(b, t, n_q + 2 * n_kv, self.head_dim)
+        qk = self._rope(qkv[:, :, :n_q + n_kv], cos, sin)
+        return (qk[:, :, :n_q].transpose(1, 2), qk[:, :, n_q:].transpose(1, 2),
+                qkv[:, :, n_q + n_kv:].transpose(1, 2))
+
+    def _finish(self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The layer's output projection and MLP, each with its residual."""
+        x = x + layer.o(attn)
+        gu = layer.gate_up(self._norm(x, layer.norm2))
+        return x + layer.down(F.silu(gu[..., :self.inter]) * gu[..., self.inter:])
 
     def _decode_bias(self, mask: torch.Tensor, slots: SlotLayer) -> torch.Tensor:
         """Additive mask over the buffer's columns, [B * n_kv, groups, C]: 0 where the row attends,
@@ -203,15 +249,16 @@ class FastLlama:
         groups = self.n_q // self.n_kv
         return bias.expand(rows, self.n_kv, groups, columns).reshape(rows * self.n_kv, groups, columns)
 
-    def _decode_attention(self, q: torch.Tensor, slots: SlotLayer, bias: torch.Tensor) -> torch.Tensor:
-        """One query per row: q [B, n_q, 1, D] against the whole (contiguous) buffer of the rows.
+    def _decode_attention(self, q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor,
+                          bias: torch.Tensor) -> torch.Tensor:
+        """One query per row: q [B, n_q, 1, D] against the rows' whole (contiguous) buffers [B, n_kv, C, D].
 
         transformers' eager arithmetic: scores as a matmul in the model dtype, scaled there, plus the
         mask; the softmax computes in fp32 internally and rounds its output to the model dtype."""
         b, n_kv, d = q.shape[0], self.n_kv, self.head_dim
-        columns = slots.kbuf.shape[2]
-        keys = slots.kbuf[:b].view(b * n_kv, columns, d)
-        values = slots.vbuf[:b].view(b * n_kv, columns, d)
+        columns = kbuf.shape[2]
+        keys = kbuf.view(b * n_kv, columns, d)
+        values = vbuf.view(b * n_kv, columns, d)
         # Query head h reads KV head h // groups (transformers' repeat_kv): group them per KV head.
         grouped = q.reshape(b * n_kv, self.n_q // n_kv, d)
         if self.fold_scale:

@@ -11,6 +11,14 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 RESERVE = 32  # spare columns allocated past the live window
+# On a GPU the decode step's cost hardly depends on the buffer's width, while every reallocation
+# throws away the step's captured CUDA graphs (worker/graphs.py): keep more spare columns there.
+GPU_RESERVE = 256
+
+
+def reserve_for(device: torch.device) -> int:
+    """Spare columns for KV buffers on `device`."""
+    return RESERVE if device.type == "cpu" else GPU_RESERVE
 
 
 class SlotLayer(DynamicLayer):
@@ -42,13 +50,22 @@ class SlotLayer(DynamicLayer):
             self._reallocate(key_states, rows, q + self.reserve)
             self.rows, self.start, self.end = rows, 0, 0
             self.is_initialized = True
-        elif self.end + q > self.kbuf.shape[2]:
-            self._make_room(q)
+        else:
+            self.make_room(q)
         self.kbuf[:self.rows, :, self.end:self.end + q] = key_states
         self.vbuf[:self.rows, :, self.end:self.end + q] = value_states
+        self.advance(q)
+        return self.keys, self.values
+
+    def make_room(self, q: int) -> None:
+        """Ensure the buffers have q free columns past the window (reallocating them if not)."""
+        if self.end + q > self.kbuf.shape[2]:
+            self._make_room(q)
+
+    def advance(self, q: int) -> None:
+        """The window gains the q columns past its end (written by the caller, e.g. a replayed graph)."""
         self.end += q
         self._refresh()
-        return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.end - self.start

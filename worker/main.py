@@ -57,7 +57,8 @@ def run_worker(redis_settings: RedisSettings, model_settings: ModelSettings, lim
     source = model_files.resolve(model_settings.model, model_settings.model_id)
     started = time.monotonic()
     loaded = load_model(source, model_settings.cache_dir, settings.device, settings.dtype, settings.threads,
-                        rows_hint=settings.max_batch_size, fused=settings.fused_forward)
+                        rows_hint=settings.max_batch_size, fused=settings.fused_forward,
+                        cuda_graphs=settings.cuda_graphs)
     log.info("model %s loaded in %.1f s (%s, %s)", source.model_id, time.monotonic() - started,
              settings.device, settings.dtype)
 

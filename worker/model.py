@@ -13,6 +13,7 @@ import torch
 from common.model_files import ModelSource, build_once, ensure_tokenizer, model_dir
 
 from .fastllama import build_fast
+from .graphs import DecodeGraphs
 from .packed import prepack, prepacking_available
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class LoadedModel:
     dtype: torch.dtype
     model_id: str = ""
     fast: Any = None  # a FastLlama when the model is a Llama and it matched transformers' logits
+    graphs: Any = None  # a DecodeGraphs running decode steps as CUDA graphs (CUDA with `fast` only)
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -87,11 +89,12 @@ def special_token_ids(tokenizer: Any) -> frozenset[int]:
 
 
 def load_model(source: ModelSource, cache_dir: str, device: str, dtype: str, threads: int,
-               rows_hint: int = 32, fused: bool = True) -> LoadedModel:
+               rows_hint: int = 32, fused: bool = True, cuda_graphs: bool = True) -> LoadedModel:
     """Load tokenizer and model (converting a GGUF once into the cache) onto `device` in `dtype`.
 
     With `fused`, a Llama model also gets tgq's fused forward (worker/fastllama.py), used by
-    `forward` when it matched transformers' logits on a probe."""
+    `forward` when it matched transformers' logits on a probe; on CUDA, with `cuda_graphs`, its
+    decode steps are then replayed as CUDA graphs (worker/graphs.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     configure_threads(threads)
@@ -113,9 +116,13 @@ def load_model(source: ModelSource, cache_dir: str, device: str, dtype: str, thr
     fast = build_fast(model, max(1, rows_hint), pack) if fused else None
     if pack and prepack(model, max(1, rows_hint), width):
         log.info("linear layers prepacked for oneDNN (bf16 on CPU)")
+    graphs = None
+    if cuda_graphs and dev.type == "cuda" and DecodeGraphs.usable(fast):
+        graphs = DecodeGraphs(fast, model.get_output_embeddings())
+        log.info("decode steps run as CUDA graphs")
     return LoadedModel(model=model, tokenizer=tokenizer, eos_token_id=tokenizer.eos_token_id,
                        special_ids=special_token_ids(tokenizer), vocab_size=width, device=dev,
-                       dtype=torch_dtype, model_id=source.model_id, fast=fast)
+                       dtype=torch_dtype, model_id=source.model_id, fast=fast, graphs=graphs)
 
 
 @dataclass
@@ -135,6 +142,8 @@ def forward(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.
     copy for a bmm (783 ms of a 1.3 s prefill at B=8 on this CPU).
     """
     model = loaded.model
+    if loaded.graphs is not None and loaded.graphs.accepts(input_ids, attention_mask, cache):
+        return ForwardOut(logits=loaded.graphs(input_ids, attention_mask, position_ids, cache), cache=cache)
     if loaded.fast is not None:
         hidden = loaded.fast(input_ids, attention_mask, position_ids, cache)
     else:

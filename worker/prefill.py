@@ -15,7 +15,7 @@ import torch
 from common.schemas import PrefillToken
 
 from .batch import PrefillInputs, Row, prefill_inputs
-from .kvcache import SlotCache
+from .kvcache import SlotCache, reserve_for
 from .model import LoadedModel, forward
 
 
@@ -29,7 +29,7 @@ class PendingPrefill:
         self.rows = rows
         self.loaded = loaded
         self.inputs: PrefillInputs = prefill_inputs([r.ids for r in rows], loaded.device)
-        self.cache = SlotCache(num_layers, max_rows=max_rows)
+        self.cache = SlotCache(num_layers, reserve=reserve_for(loaded.device), max_rows=max_rows)
         self.done = 0  # columns already in the cache
         self.want_prefill = any(r.job.want_prefill for r in rows)
         self._logprobs: list[torch.Tensor] = []  # per chunk: [n, cols] log p(next prompt column)

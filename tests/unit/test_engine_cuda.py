@@ -3,13 +3,17 @@
 On a GPU machine: `python -m pytest tests/unit/test_engine_cuda.py`."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from common.model_files import resolve
+from worker.graphs import DecodeGraphs
 from worker.model import load_model
 
 from .test_engine import PROMPTS, generated_ids, job, run_engine
+from .test_graphs import _arrivals as _growing_arrivals
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -29,15 +33,18 @@ def _arrivals():
             2: [job("r2", PROMPTS[2], n=10)], 5: [job("r3", PROMPTS[3], n=12)]}
 
 
-def test_fused_forward_is_used_on_cuda_in_both_dtypes(cuda_fp32, cuda_bf16):
+def test_fused_forward_and_decode_graphs_are_used_on_cuda_in_both_dtypes(cuda_fp32, cuda_bf16):
     for loaded in (cuda_fp32, cuda_bf16):
         assert loaded.device.type == "cuda"
         assert loaded.fast is not None  # it matched transformers' logits on the GPU too
+        assert loaded.graphs is not None and loaded.graphs.capture
         assert next(loaded.model.parameters()).is_cuda
 
 
 def test_cuda_greedy_tokens_equal_the_cpu_ones_and_do_not_depend_on_the_batch(cuda_fp32, tiny_loaded):
+    captured = cuda_fp32.graphs.captures
     _, _, on_gpu = run_engine(cuda_fp32, _arrivals())
+    assert cuda_fp32.graphs.captures > captured and cuda_fp32.graphs.capture  # replayed graphs, no fallback
     _, _, on_cpu = run_engine(tiny_loaded, _arrivals())
     for i, p in enumerate(PROMPTS):
         rid = f"r{i}"
@@ -58,3 +65,17 @@ def test_cuda_bf16_serves_mixed_sampling_rows_and_seeds_repeat(cuda_bf16):
     assert generated_ids(alone, "s") == generated_ids(again, "s")
     assert [len(generated_ids(mixed, r)) for r in "gwst"] == [12, 8, 10, 9]
     assert mixed.result("s").seed == 77
+
+
+def test_replayed_graphs_compute_exactly_what_the_eager_step_computes(cuda_bf16):
+    """bf16, rows joining and leaving (buffers reallocated as they join): graph replays against the same
+    step run eagerly (same kernels, so the same bits)."""
+    eager = dataclasses.replace(cuda_bf16, graphs=DecodeGraphs(cuda_bf16.fast, cuda_bf16.model.get_output_embeddings(),
+                                                               capture=False))
+    captured = cuda_bf16.graphs.captures
+    _, _, want = run_engine(eager, _growing_arrivals())
+    _, _, got = run_engine(cuda_bf16, _growing_arrivals())
+    assert cuda_bf16.graphs.captures > captured and cuda_bf16.graphs.capture
+    for rid in ("r0", "r1", "long", "r2", "r3", "r4"):
+        assert generated_ids(got, rid) == generated_ids(want, rid), rid
+        assert [e.token.logprob for e in got.events_for(rid)] == [e.token.logprob for e in want.events_for(rid)]
