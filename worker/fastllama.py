@@ -13,7 +13,9 @@ serving engines lay out their models:
   buffer (contiguous, so nothing is copied), with the columns outside each row's window masked.
   That is transformers' "eager" attention arithmetic (scores as a bf16 matmul, softmax in fp32);
   prompts (several tokens per row) go through torch's scaled_dot_product_attention as in
-  transformers' default path.
+  transformers' default path;
+- `decode_in_place` is the same decode step with its state in device tensors only, so that a
+  CUDA graph can record it (worker/graphs.py).
 
 The norms, rotary tables and residual adds compute the same values as transformers' Llama code
 (the norm output is bit-identical in bf16); `build` checks the logits of a probe against
@@ -194,12 +196,10 @@ class FastLlama:
         of rows [:R] of each layer's (kbuf, vbuf) and attends over all their columns with the additive
         `column_bias` [R, C] (0 or -inf). The same arithmetic as `__call__`'s decode path. Returns the
         final-normed hidden states [R, 1, H]."""
-        rows, columns = column_bias.shape
+        rows = column_bias.shape[0]
         x = self.embed(input_ids)
         cos, sin = self._rope_factors(self._cos[position_ids], self._sin[position_ids])
-        groups = self.n_q // self.n_kv
-        bias = column_bias[:, None, None, :].expand(rows, self.n_kv, groups, columns)
-        bias = bias.reshape(rows * self.n_kv, groups, columns)
+        bias = self._grouped_bias(column_bias)
         for layer, (kbuf, vbuf) in zip(self.layers, buffers):
             q, k, v = self._project(layer, x, cos, sin)
             kbuf, vbuf = kbuf[:rows], vbuf[:rows]
@@ -241,13 +241,18 @@ class FastLlama:
         return x + layer.down(F.silu(gu[..., :self.inter]) * gu[..., self.inter:])
 
     def _decode_bias(self, mask: torch.Tensor, slots: SlotLayer) -> torch.Tensor:
-        """Additive mask over the buffer's columns, [B * n_kv, groups, C]: 0 where the row attends,
-        -inf elsewhere (exact in bf16). Laid out as the grouped scores, so it can be baddbmm's input."""
+        """Additive mask over the buffer's columns: 0 where the row attends, -inf elsewhere (exact in bf16)."""
         rows, columns = mask.shape[0], slots.kbuf.shape[2]
-        bias = torch.full((rows, 1, 1, columns), float("-inf"), dtype=slots.kbuf.dtype, device=mask.device)
-        bias[..., slots.start:slots.end].masked_fill_(mask, 0.0)
+        bias = torch.full((rows, columns), float("-inf"), dtype=slots.kbuf.dtype, device=mask.device)
+        bias[:, slots.start:slots.end].masked_fill_(mask.reshape(rows, -1), 0.0)
+        return self._grouped_bias(bias)
+
+    def _grouped_bias(self, column_bias: torch.Tensor) -> torch.Tensor:
+        """[R, C] -> [R * n_kv, groups, C]: laid out as the grouped scores, so it can be baddbmm's input."""
+        rows, columns = column_bias.shape
         groups = self.n_q // self.n_kv
-        return bias.expand(rows, self.n_kv, groups, columns).reshape(rows * self.n_kv, groups, columns)
+        return column_bias[:, None, None, :].expand(rows, self.n_kv, groups, columns).reshape(
+            rows * self.n_kv, groups, columns)
 
     def _decode_attention(self, q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor,
                           bias: torch.Tensor) -> torch.Tensor:
