@@ -209,10 +209,6 @@ class FastLlama:
         return self._norm(x, self.final_norm)
 
     @property
-    def has_rope_tables(self) -> bool:
-        return self._cos is not None and self._sin is not None
-
-    @property
     def rope_positions(self) -> int:
         """Positions the rotary tables cover (0 without tables)."""
         return 0 if self._cos is None else int(self._cos.shape[0])

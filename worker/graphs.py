@@ -67,7 +67,7 @@ class DecodeGraphs:
 
     @staticmethod
     def usable(fast: FastLlama | None) -> bool:
-        return fast is not None and fast.has_rope_tables
+        return fast is not None and fast.rope_positions > 0
 
     def accepts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any) -> bool:
         """A decode step (one token per row, on a SlotCache) whose positions are all in the rotary
