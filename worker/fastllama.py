@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_kernels import CpuKernels
 from .kvcache import SlotCache, SlotLayer
 from .packed import PackedLinear
 
@@ -96,7 +97,7 @@ class _Layer:
 class FastLlama:
     """The decoder of a Llama model as fused projections; returns final-normed hidden states."""
 
-    def __init__(self, model: Any, rows_hint: int, pack: bool) -> None:
+    def __init__(self, model: Any, rows_hint: int, pack: bool, kernels: CpuKernels | None = None) -> None:
         cfg = model.config
         decoder = model.model
         self.embed = decoder.embed_tokens
@@ -112,6 +113,14 @@ class FastLlama:
         # baddbmm, rounded once) and still give the same bf16 scores as matmul, * scale, + mask.
         self.fold_scale = math.frexp(self.scale)[0] == 0.5
         self._cos, self._sin = self._rope_tables(cfg)
+        # Compiled bf16 CPU kernels (worker/cpu_kernels.py) for the decode attention and the norms,
+        # where they handle the shapes; else torch's ops.
+        weight = self.embed.weight
+        usable = weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+        self.kernels = kernels if usable else None
+        self.kernel_attention = self.kernels is not None and self.kernels.handles_attention(
+            self.n_q, self.n_kv, self.head_dim)
+        self.kernel_norm = self.kernels is not None and self.kernels.handles_norm(int(cfg.hidden_size))
 
         def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
             if pack:
@@ -156,6 +165,8 @@ class FastLlama:
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # transformers' LlamaRMSNorm: normalise in fp32, round to the input dtype, then scale.
+        if self.kernel_norm:
+            return self.kernels.rms_norm(x, weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * weight
 
     @staticmethod
@@ -174,14 +185,19 @@ class FastLlama:
         x = self.embed(input_ids)
         cos, sin = self._rotary(x, position_ids)
         cos, sin = self._rope_factors(cos, sin)
-        bias: torch.Tensor | None = None
+        column_bias: torch.Tensor | None = None
+        grouped_bias: torch.Tensor | None = None
         for layer, slots in zip(self.layers, cache.slot_layers):
             q, k, v = self._project(layer, x, cos, sin)
             keys, values = slots.update(k, v)
             if t == 1:
-                if bias is None or bias.shape[-1] != slots.kbuf.shape[2]:
-                    bias = self._decode_bias(attention_mask, slots)
-                attn = self._decode_attention(q, slots.kbuf[:b], slots.vbuf[:b], bias)
+                if column_bias is None or column_bias.shape[-1] != slots.kbuf.shape[2]:
+                    column_bias = self._column_bias(attention_mask, slots)
+                    grouped_bias = None if self.kernel_attention else self._grouped_bias(column_bias)
+                if self.kernel_attention:
+                    attn = self.kernels.attention(q, slots.kbuf[:b], slots.vbuf[:b], column_bias, self.scale)
+                else:
+                    attn = self._decode_attention(q, slots.kbuf[:b], slots.vbuf[:b], grouped_bias)
             else:
                 attn = self._prefill_attention(q, keys, values, attention_mask)
             x = self._finish(layer, x, attn)
@@ -236,12 +252,13 @@ class FastLlama:
         gu = layer.gate_up(self._norm(x, layer.norm2))
         return x + layer.down(F.silu(gu[..., :self.inter]) * gu[..., self.inter:])
 
-    def _decode_bias(self, mask: torch.Tensor, slots: SlotLayer) -> torch.Tensor:
-        """Additive mask over the buffer's columns: 0 where the row attends, -inf elsewhere (exact in bf16)."""
+    @staticmethod
+    def _column_bias(mask: torch.Tensor, slots: SlotLayer) -> torch.Tensor:
+        """Additive mask [R, C] over the buffer's columns: 0 where the row attends, -inf elsewhere (exact in bf16)."""
         rows, columns = mask.shape[0], slots.kbuf.shape[2]
         bias = torch.full((rows, columns), float("-inf"), dtype=slots.kbuf.dtype, device=mask.device)
         bias[:, slots.start:slots.end].masked_fill_(mask.reshape(rows, -1), 0.0)
-        return self._grouped_bias(bias)
+        return bias
 
     def _grouped_bias(self, column_bias: torch.Tensor) -> torch.Tensor:
         """[R, C] -> [R * n_kv, groups, C]: laid out as the grouped scores, so it can be baddbmm's input."""
@@ -305,7 +322,7 @@ def probe_deviation(model: Any, fast: FastLlama) -> float:
     return ((want - got).abs().mean() / want.abs().mean().clamp(min=1e-6)).item()
 
 
-def build_fast(model: Any, rows_hint: int, pack: bool) -> FastLlama | None:
+def build_fast(model: Any, rows_hint: int, pack: bool, kernels: CpuKernels | None = None) -> FastLlama | None:
     """A FastLlama for `model` if it is a Llama whose probe logits match transformers' (else None).
 
     The same arithmetic up to rounding (fused projections accumulate in another order; the decode
@@ -318,7 +335,8 @@ def build_fast(model: Any, rows_hint: int, pack: bool) -> FastLlama | None:
     if reason is not None:
         log.info("transformers' forward kept: %s", reason)
         return None
-    fast = FastLlama(model, rows_hint, pack)
+    fast = FastLlama(model, rows_hint, pack, kernels)
+    _check_kernels(fast)
     err = probe_deviation(model, fast)
     tolerance = 1e-4 if model.dtype == torch.float32 else 5e-2
     if not err <= tolerance:
@@ -327,3 +345,45 @@ def build_fast(model: Any, rows_hint: int, pack: bool) -> FastLlama | None:
         return None
     log.info("fused Llama forward in use (probe mean deviation %.2g)", err)
     return fast
+
+
+KERNEL_TOLERANCE = 1e-2  # largest difference from torch's ops, relative to the outputs' mean size
+
+
+def _deviation(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.float(), want.float()
+    return ((want - got).abs().max() / want.abs().mean().clamp(min=1e-6)).item()
+
+
+def _check_kernels(fast: FastLlama) -> None:
+    """Keep each compiled kernel only if it computes what torch's ops compute, on random inputs."""
+    kernels = fast.kernels
+    if kernels is None:
+        return
+    g = torch.Generator().manual_seed(0)
+    bf16 = torch.bfloat16
+    if fast.kernel_attention:
+        rows, columns, d = 5, 37, fast.head_dim
+        qkv = torch.randn(rows, 1, fast.n_q + 2 * fast.n_kv, d, generator=g).to(bf16)
+        q = qkv[:, :, :fast.n_q].transpose(1, 2)  # the projection's layout
+        kbuf, vbuf = (torch.randn(rows, fast.n_kv, columns, d, generator=g).to(bf16) for _ in range(2))
+        bias = torch.zeros(rows, columns, dtype=bf16)
+        bias[:, 30:] = float("-inf")  # spare columns past the window
+        bias[1, :9] = float("-inf")  # a shorter row's left padding
+        err = _deviation(kernels.attention(q, kbuf, vbuf, bias, fast.scale),
+                         fast._decode_attention(q, kbuf, vbuf, fast._grouped_bias(bias)))
+        fast.kernel_attention = _keep("decode attention", err)
+    if fast.kernel_norm:
+        weight = fast.final_norm
+        x = (3 * torch.randn(7, weight.shape[0], generator=g)).to(bf16)
+        err = _deviation(kernels.rms_norm(x, weight, fast.eps), F.rms_norm(x, (x.shape[-1],), eps=fast.eps) * weight)
+        fast.kernel_norm = _keep("rms norm", err)
+
+
+def _keep(what: str, err: float) -> bool:
+    if err <= KERNEL_TOLERANCE:
+        log.info("%s: compiled kernel (largest deviation from torch's ops %.2g)", what, err)
+        return True
+    log.warning("%s: compiled kernel differs from torch's ops (%.2g > %.2g); torch's kept", what, err,
+                KERNEL_TOLERANCE)
+    return False

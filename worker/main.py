@@ -58,7 +58,7 @@ def run_worker(redis_settings: RedisSettings, model_settings: ModelSettings, lim
     started = time.monotonic()
     loaded = load_model(source, model_settings.cache_dir, settings.device, settings.dtype, settings.threads,
                         rows_hint=settings.max_batch_size, fused=settings.fused_forward,
-                        cuda_graphs=settings.cuda_graphs)
+                        cuda_graphs=settings.cuda_graphs, cpu_kernels=settings.cpu_kernels)
     log.info("model %s loaded in %.1f s (%s, %s)", source.model_id, time.monotonic() - started,
              settings.device, settings.dtype)
 

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from common.model_files import ModelSource, build_once, ensure_tokenizer, model_dir
+from common.model_files import ModelSource, build_once, cache_root, ensure_tokenizer, model_dir
 
+from .cpu_kernels import load_cpu_kernels
 from .fastllama import build_fast
 from .graphs import DecodeGraphs
 from .packed import prepack, prepacking_available
@@ -89,12 +90,14 @@ def special_token_ids(tokenizer: Any) -> frozenset[int]:
 
 
 def load_model(source: ModelSource, cache_dir: str, device: str, dtype: str, threads: int,
-               rows_hint: int = 32, fused: bool = True, cuda_graphs: bool = True) -> LoadedModel:
+               rows_hint: int = 32, fused: bool = True, cuda_graphs: bool = True,
+               cpu_kernels: bool = True) -> LoadedModel:
     """Load tokenizer and model (converting a GGUF once into the cache) onto `device` in `dtype`.
 
     With `fused`, a Llama model also gets tgq's fused forward (worker/fastllama.py), used by
     `forward` when it matched transformers' logits on a probe; on CUDA, with `cuda_graphs`, its
-    decode steps are then replayed as CUDA graphs (worker/graphs.py)."""
+    decode steps are then replayed as CUDA graphs (worker/graphs.py); on CPU in bf16, with
+    `cpu_kernels`, its decode attention and norms run as compiled kernels (worker/cpu_kernels.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     configure_threads(threads)
@@ -113,7 +116,10 @@ def load_model(source: ModelSource, cache_dir: str, device: str, dtype: str, thr
     log.info("loaded %s (%s, %s) in %.1f s", weights_dir, dtype, dev, time.monotonic() - t0)
     width = int(model.get_output_embeddings().weight.shape[0])
     pack = prepacking_available(dev, torch_dtype)
-    fast = build_fast(model, max(1, rows_hint), pack) if fused else None
+    kernels = None
+    if fused and cpu_kernels and dev.type == "cpu" and torch_dtype == torch.bfloat16:
+        kernels = load_cpu_kernels(cache_root(cache_dir))
+    fast = build_fast(model, max(1, rows_hint), pack, kernels) if fused else None
     if pack and prepack(model, max(1, rows_hint), width):
         log.info("linear layers prepacked for oneDNN (bf16 on CPU)")
     graphs = None

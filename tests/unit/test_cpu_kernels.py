@@ -1,0 +1,185 @@
+"""The compiled CPU kernels (worker/cpu_kernels.py) compute what torch's ops compute."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import torch.nn.functional as F
+
+from worker import cpu_kernels, fastllama
+from worker.batch import prefill_inputs
+from worker.kvcache import SlotCache
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_supported() or cpu_kernels._compiler() is None,
+                                reason="needs an AVX-512 CPU and a C++ compiler")
+
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    return cpu_kernels.CpuKernels(cpu_kernels.build_library(tmp_path_factory.mktemp("kernels")))
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 64), (33, 576), (4, 7, 128)])
+def test_rms_norm_rounds_like_torch(kernel, shape):
+    g = torch.Generator().manual_seed(3)
+    x = (4 * torch.randn(*shape, generator=g)).to(BF16)
+    weight = (torch.rand(shape[-1], generator=g) + 0.5).to(BF16)
+    want = F.rms_norm(x, (shape[-1],), eps=1e-5) * weight  # transformers' LlamaRMSNorm, bit for bit
+    got = kernel.rms_norm(x, weight, 1e-5)
+    assert got.shape == want.shape and got.dtype == BF16
+    assert _within_one_bf16_place(got, want) and (got != want).float().mean() < 0.01
+
+
+def test_rms_norm_reads_strided_rows(kernel):
+    """The last position of each row of a [B, T, H] prefill output: rows T * H apart."""
+    x = torch.randn(3, 5, 64).to(BF16)
+    weight = torch.ones(64, dtype=BF16)
+    assert torch.equal(kernel.rms_norm(x[:, -1:], weight, 1e-6), kernel.rms_norm(x[:, -1:].contiguous(), weight, 1e-6))
+
+
+def _torch_attention(q, kbuf, vbuf, bias, n_q, n_kv, head_dim):
+    """FastLlama's torch path, the reference."""
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=n_q * head_dim, intermediate_size=8,
+                                         num_hidden_layers=1, num_attention_heads=n_q,
+                                         num_key_value_heads=n_kv, head_dim=head_dim))
+    fast = fastllama.FastLlama(model.to(BF16), 1, pack=False)
+    return fast._decode_attention(q, kbuf, vbuf, fast._grouped_bias(bias))
+
+
+def _inputs(rows, n_q, n_kv, head_dim, columns, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = (3 * torch.randn(rows, 1, n_q + 2 * n_kv, head_dim, generator=g)).to(BF16)
+    q = qkv[:, :, :n_q].transpose(1, 2)  # the model's layout: a strided view of the projection
+    kbuf = torch.randn(rows, n_kv, columns, head_dim, generator=g).to(BF16)
+    vbuf = torch.randn(rows, n_kv, columns, head_dim, generator=g).to(BF16)
+    bias = torch.zeros(rows, columns, dtype=BF16)
+    bias[:, columns - 7:] = float("-inf")  # spare columns past the window
+    bias[0, :5] = float("-inf")  # a shorter row's left padding
+    return q, kbuf, vbuf, bias
+
+
+def _within_one_bf16_place(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal, or apart by at most one unit in the last place of a bf16 (8 significant bits)."""
+    got, want = got.float(), want.float()
+    return bool(((got == want) | ((got - want).abs() <= want.abs() * 2 ** -7)).all())
+
+
+@pytest.mark.parametrize("n_q,n_kv,head_dim", [(9, 3, 64), (8, 2, 128), (4, 4, 64)])
+def test_each_pass_rounds_like_torch(kernel, n_q, n_kv, head_dim):
+    """Scores against baddbmm, and probabilities times values against bmm: only the order of fp32
+    additions differs, so an output is the same bf16 or the next one, and rarely the next one."""
+    q, kbuf, vbuf, bias = _inputs(6, n_q, n_kv, head_dim, 41)
+    groups, scale = n_q // n_kv, head_dim ** -0.5
+    grouped_bias = bias[:, None, None, :].expand(6, n_kv, groups, 41).reshape(6 * n_kv, groups, 41)
+    keys, values = kbuf.view(6 * n_kv, 41, head_dim), vbuf.view(6 * n_kv, 41, head_dim)
+    want = torch.baddbmm(grouped_bias, q.reshape(6 * n_kv, groups, head_dim), keys.transpose(1, 2), alpha=scale)
+    got = kernel.scores(q, kbuf, bias, scale)
+    assert got.dtype == BF16 and _within_one_bf16_place(got, want)
+    assert (got != want).float().mean() < 0.02
+    probs = torch.softmax(want, dim=-1)
+    want = torch.bmm(probs, values).view(6, 1, n_q * head_dim)
+    got = kernel.mix(probs, vbuf, bias)
+    assert got.shape == want.shape and _within_one_bf16_place(got, want)
+    assert (got != want).float().mean() < 0.02
+
+
+def test_kernel_matches_torch_attention(kernel):
+    q, kbuf, vbuf, bias = _inputs(6, 9, 3, 64, 41)
+    want = _torch_attention(q, kbuf, vbuf, bias, 9, 3, 64)
+    got = kernel.attention(q, kbuf, vbuf, bias, 0.125)
+    assert got.shape == want.shape == (6, 1, 9 * 64) and got.dtype == BF16
+    # A score a place apart moves its probability by up to 2**-8 of the score: small differences only.
+    assert ((got.float() - want.float()).abs().mean() / want.float().abs().mean()) < 1e-2
+
+
+def test_masked_columns_are_never_read(kernel):
+    """Whatever a masked column holds (a departed row's keys, huge values) does not change the output."""
+    q, kbuf, vbuf, bias = _inputs(4, 9, 3, 64, 30, seed=1)
+    before = kernel.attention(q, kbuf, vbuf, bias, 0.125)
+    masked = torch.isinf(bias)[:, None, :, None].expand_as(kbuf)
+    kbuf[masked], vbuf[masked] = 3e38, float("nan")
+    assert torch.equal(kernel.attention(q, kbuf, vbuf, bias, 0.125), before)
+
+
+def test_a_row_gets_the_same_output_in_any_batch(kernel):
+    """Each (row, KV head) sums its own columns in column order: its companions do not matter."""
+    q, kbuf, vbuf, bias = _inputs(5, 9, 3, 64, 33, seed=2)
+    batch = kernel.attention(q, kbuf, vbuf, bias, 0.125)
+    for i in range(5):
+        alone = kernel.attention(q[i:i + 1], kbuf[i:i + 1].clone(), vbuf[i:i + 1].clone(), bias[i:i + 1].clone(), 0.125)
+        assert torch.equal(alone[0], batch[i])
+
+
+def test_unexpected_layouts_are_refused(kernel):
+    q, kbuf, vbuf, bias = _inputs(2, 9, 3, 64, 16)
+    with pytest.raises(ValueError):
+        kernel.attention(q, kbuf.transpose(2, 3).contiguous().transpose(2, 3), vbuf, bias, 0.125)
+    with pytest.raises(ValueError):
+        kernel.attention(q.contiguous().transpose(1, 3).contiguous().transpose(1, 3), kbuf, vbuf, bias, 0.125)
+
+
+def test_the_library_is_built_once_per_source(tmp_path):
+    first = cpu_kernels.build_library(tmp_path)
+    built_at = first.stat().st_mtime_ns
+    assert cpu_kernels.build_library(tmp_path) == first and first.stat().st_mtime_ns == built_at
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.name]  # no temporary files left
+
+
+def test_a_failing_compiler_leaves_torch_ops(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CXX", shutil.which("false") or "/bin/false")
+    assert cpu_kernels.load_cpu_kernels(tmp_path) is None
+    assert "cpu kernels unavailable" in caplog.text
+    assert not list((tmp_path / "kernels").iterdir())
+
+
+def _bf16_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=192, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=256)
+    return LlamaForCausalLM(config).to(BF16).eval()
+
+
+def test_fused_forward_uses_the_kernels(kernel):
+    """A bf16 Llama with head size 64: padded prefill, then decode steps over the padded buffer, with the
+    kernels and with torch's ops fed the same tokens: logits agree to bf16 rounding."""
+    model = _bf16_llama()
+    with_kernel = fastllama.build_fast(model, 4, pack=False, kernels=kernel)
+    plain = fastllama.FastLlama(model, 4, pack=False)
+    assert with_kernel is not None and with_kernel.kernel_attention and with_kernel.kernel_norm
+    assert plain.kernels is None and not plain.kernel_attention and not plain.kernel_norm
+    head = model.get_output_embeddings()
+    prompts = [[5, 17, 33, 2, 9, 100], [7, 8], [250, 1, 3, 4]]
+    inputs = prefill_inputs(prompts, torch.device("cpu"))
+    caches = [SlotCache(2), SlotCache(2)]
+    with torch.inference_mode():
+        for fast, cache in zip((with_kernel, plain), caches):
+            fast(inputs.input_ids, inputs.attention, inputs.position_ids, cache)
+        mask, positions = inputs.mask, inputs.mask.sum(dim=1)
+        nxt = torch.tensor([11, 12, 13])
+        for _ in range(5):
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.bool)], dim=1)
+            got, want = (head(fast(nxt[:, None], mask[:, None, None, :], positions[:, None], cache)[:, -1]).float()
+                         for fast, cache in zip((with_kernel, plain), caches))
+            assert ((got - want).abs().mean() / want.abs().mean()) < 2e-2
+            nxt, positions = want.argmax(-1), positions + 1
+
+
+def test_load_model_builds_the_kernel_for_bf16_on_cpu_only(tiny_model_dir, tmp_path):
+    from common.model_files import resolve
+    from worker.model import load_model
+
+    def kernels_built(cache: str) -> list[str]:
+        return sorted(p.name for p in (tmp_path / cache / "kernels").glob("*.so"))
+
+    load_model(resolve(str(tiny_model_dir)), str(tmp_path / "fp32"), "cpu", "fp32", 1)
+    load_model(resolve(str(tiny_model_dir)), str(tmp_path / "off"), "cpu", "bf16", 1, cpu_kernels=False)
+    loaded = load_model(resolve(str(tiny_model_dir)), str(tmp_path / "bf16"), "cpu", "bf16", 1)
+    assert kernels_built("fp32") == kernels_built("off") == []
+    assert len(kernels_built("bf16")) == 1
+    assert loaded.fast is not None and loaded.fast.kernel_norm
+    assert not loaded.fast.kernel_attention  # head size 16: torch's attention kept

@@ -1,0 +1,173 @@
+"""Small C++ kernels for the fused forward in bf16 on AVX-512 CPUs (worker/csrc/cpu_kernels.cpp).
+
+Decode attention. At 32 rows torch runs a decode step's attention as a bf16 baddbmm and a bmm
+over [96, 3, C] x [96, C, 64] blocks: thousands of tiny matrix products, ~0.55 ms a layer at
+C = 192 columns on this machine's 2 cores, against ~0.2 ms to read the layer's keys and values
+once. The kernel reads each (row, KV head)'s keys and values once for its grouped query heads,
+skips the columns the bias masks, and keeps torch's softmax between its two passes. The
+arithmetic is transformers' eager attention, as in `FastLlama._decode_attention`: scores rounded
+once to bf16, softmax in fp32 rounded to bf16, probabilities times values summed in fp32 and
+rounded once. Only the order of fp32 additions differs from oneDNN's, so an output may be one
+bf16 place apart.
+
+RMS norm. torch's `rms_norm` on a [32, 576] bf16 decode input costs ~25 us (several ops with
+dtype conversions), a [1000, 576] prefill ~1.9 ms; the kernel does each row in one pass
+(~8 us / ~0.15 ms) with transformers' LlamaRMSNorm rounding.
+
+The source is compiled at first use with the system's C++ compiler (`CXX`, else g++ or c++) into
+the model cache, keyed by the source's hash, and loaded with ctypes; its OpenMP loops run on the
+thread pool torch already started (the library asks for `libgomp.so.1`, which torch has loaded).
+`FastLlama` checks both kernels against torch's ops at load; without a compiler or AVX-512, or
+if a check fails, it keeps torch's ops.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+FLAGS = ("-O3", "-mavx512f", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+HEAD_DIMS = (64, 128)
+MAX_GROUPS = 8
+BF16 = torch.bfloat16
+
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def cpu_supported() -> bool:
+    """AVX-512 on this CPU (as torch detects it)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX", ""), "g++", "c++"):
+        found = shutil.which(name) if name else None
+        if found:
+            return found
+    return None
+
+
+def build_library(cache_dir: str | Path) -> Path:
+    """Compile the kernels into `cache_dir` once (per source and flags); returns the library's path."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = Path(cache_dir) / "kernels" / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: workers building at once all end with a whole file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _check_buffer(buf: torch.Tensor) -> None:
+    _, _, columns, d = buf.shape
+    if buf.dtype != BF16 or (buf.stride(1), buf.stride(2), buf.stride(3)) != (columns * d, d, 1):
+        raise ValueError("cpu kernels: unexpected KV buffer layout")
+
+
+class CpuKernels:
+    """The compiled kernels, called on bf16 CPU tensors."""
+
+    def __init__(self, library: Path) -> None:
+        lib = ctypes.CDLL(str(library))
+        self._scores = lib.tgq_scores
+        self._scores.argtypes = [_PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64,
+                                 ctypes.c_float]
+        self._mix = lib.tgq_mix
+        self._mix.argtypes = [_PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64]
+        self._rms_norm = lib.tgq_rms_norm
+        self._rms_norm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _I64, ctypes.c_float]
+        for fn in (self._scores, self._mix, self._rms_norm):
+            fn.restype = ctypes.c_int
+
+    # ---- decode attention ------------------------------------------------------------------------
+
+    @staticmethod
+    def handles_attention(n_q: int, n_kv: int, head_dim: int) -> bool:
+        return head_dim in HEAD_DIMS and n_kv > 0 and n_q % n_kv == 0 and n_q // n_kv <= MAX_GROUPS
+
+    def attention(self, q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, column_bias: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+        """q [B, n_q, 1, D] (heads D apart), kbuf/vbuf [B, n_kv, C, D] (each head's [C, D] contiguous),
+        column_bias [B, C] (0 or -inf, rows contiguous) -> [B, 1, n_q * D]."""
+        return self.mix(torch.softmax(self.scores(q, kbuf, column_bias, scale), dim=-1), vbuf, column_bias)
+
+    def scores(self, q: torch.Tensor, kbuf: torch.Tensor, column_bias: torch.Tensor, scale: float) -> torch.Tensor:
+        """bias + scale * q k^T per KV head and grouped query head: [B * n_kv, groups, C], bf16."""
+        b, n_q, _, d = q.shape
+        n_kv, columns = kbuf.shape[1], kbuf.shape[2]
+        if q.dtype != BF16 or (q.stride(1), q.stride(3)) != (d, 1) or column_bias.stride(1) != 1:
+            raise ValueError("cpu kernels: unexpected query or bias layout")
+        _check_buffer(kbuf)
+        out = torch.empty(b * n_kv, n_q // n_kv, columns, dtype=BF16)
+        if self._scores(q.data_ptr(), q.stride(0), kbuf.data_ptr(), kbuf.stride(0), kbuf.stride(1),
+                        column_bias.data_ptr(), column_bias.stride(0), out.data_ptr(), b, n_kv, n_q // n_kv,
+                        columns, d, scale):
+            raise ValueError(f"cpu kernels: attention with head size {d} and {n_q // n_kv} groups not built")
+        return out
+
+    def mix(self, probs: torch.Tensor, vbuf: torch.Tensor, column_bias: torch.Tensor) -> torch.Tensor:
+        """probs [B * n_kv, groups, C] (contiguous) times the values: [B, 1, n_q * D], bf16."""
+        b, n_kv, columns, d = vbuf.shape
+        groups = probs.shape[1]
+        _check_buffer(vbuf)
+        if not probs.is_contiguous() or probs.dtype != BF16 or probs.shape != (b * n_kv, groups, columns):
+            raise ValueError("cpu kernels: unexpected probabilities layout")
+        out = torch.empty(b, 1, n_kv * groups * d, dtype=BF16)
+        if self._mix(probs.data_ptr(), vbuf.data_ptr(), vbuf.stride(0), vbuf.stride(1), column_bias.data_ptr(),
+                     column_bias.stride(0), out.data_ptr(), b, n_kv, groups, columns, d):
+            raise ValueError(f"cpu kernels: attention with head size {d} and {groups} groups not built")
+        return out
+
+    # ---- RMS norm --------------------------------------------------------------------------------
+
+    @staticmethod
+    def handles_norm(width: int) -> bool:
+        return width % 16 == 0
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """transformers' LlamaRMSNorm of x [..., H] (bf16, rows evenly spaced, each contiguous)."""
+        width = x.shape[-1]
+        rows = x.numel() // width
+        flat = x.reshape(rows, width)  # a view for the model's layouts (no copy)
+        if x.dtype != BF16 or weight.dtype != BF16 or flat.stride(1) != 1 or not weight.is_contiguous():
+            raise ValueError("cpu kernels: unexpected norm input layout")
+        out = torch.empty(x.shape, dtype=BF16)
+        if self._rms_norm(flat.data_ptr(), flat.stride(0), weight.data_ptr(), out.data_ptr(), rows, width, eps):
+            raise ValueError(f"cpu kernels: norm width {width} not built")
+        return out
+
+
+def load_cpu_kernels(cache_dir: str | Path) -> CpuKernels | None:
+    """The compiled kernels, or None (logged) where they cannot be built or run here."""
+    if not cpu_supported():
+        log.info("cpu kernels: not used (this CPU has no AVX-512)")
+        return None
+    try:
+        return CpuKernels(build_library(cache_dir))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("cpu kernels unavailable, torch's ops kept: %s", exc)
+        return None

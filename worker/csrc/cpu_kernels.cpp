@@ -1,0 +1,158 @@
+// bf16 kernels for the fused Llama forward on x86-64 CPUs with AVX-512 (worker/cpu_kernels.py).
+//
+// Decode attention, one query token per row against the rows' KV buffers, in two passes around
+// torch's softmax:
+//   tgq_scores:  scores[r, h, g, c] = bf16(bias[r, c] + scale * sum_d q[r, h*G + g, d] * k[r, h, c, d])
+//   tgq_mix:     out[r, (h*G + g)*D + d] = bf16(sum_c p[r, h, g, c] * v[r, h, c, d])
+// the arithmetic of transformers' eager attention (a bf16 matmul rounded once, fp32 inside), with
+// the grouped query heads of a KV head sharing one read of its keys and values, and the columns
+// the bias masks (-inf) skipped: their score is -inf and their probability 0. Each (row, KV head)
+// sums its columns in column order, whatever other rows share the batch.
+//
+// RMS norm, transformers' LlamaRMSNorm: in fp32 x / sqrt(mean(x^2) + eps), rounded to bf16, times
+// the weight, rounded again:
+//   tgq_rms_norm:  out[r, i] = bf16(bf16(x[r, i] * inv_rms(x[r])) * w[i])
+//
+// Built and loaded at run time with -fopenmp: the loops run on the OpenMP pool torch already started.
+#include <immintrin.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr uint16_t kNegInf = 0xff80;
+constexpr int kMaxGroups = 8;
+
+inline __m512 load16(const uint16_t* p) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline float to_float(uint16_t h) {
+    uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+// Round to nearest even, as torch rounds float to bfloat16 (NaN stays a quiet NaN).
+inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return static_cast<uint16_t>(u >> 16);
+}
+
+template <int NCH>
+void scores(const uint16_t* q, int64_t q_row, const uint16_t* k, int64_t kv_row, int64_t kv_head,
+            const uint16_t* bias, int64_t bias_row, uint16_t* out, int64_t rows, int64_t heads,
+            int64_t groups, int64_t columns, float scale) {
+    constexpr int64_t D = NCH * 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t rh = 0; rh < rows * heads; ++rh) {
+        const int64_t r = rh / heads, h = rh % heads;
+        const uint16_t* qr = q + r * q_row + h * groups * D;
+        const uint16_t* kr = k + r * kv_row + h * kv_head;
+        const uint16_t* br = bias + r * bias_row;
+        uint16_t* o = out + rh * groups * columns;
+        __m512 qv[kMaxGroups][NCH];
+        for (int64_t g = 0; g < groups; ++g)
+            for (int j = 0; j < NCH; ++j) qv[g][j] = load16(qr + g * D + j * 16);
+        for (int64_t c = 0; c < columns; ++c) {
+            if (br[c] == kNegInf) {
+                for (int64_t g = 0; g < groups; ++g) o[g * columns + c] = kNegInf;
+                continue;
+            }
+            const float b = to_float(br[c]);
+            __m512 kv[NCH];
+            for (int j = 0; j < NCH; ++j) kv[j] = load16(kr + c * D + j * 16);
+            for (int64_t g = 0; g < groups; ++g) {
+                __m512 acc = _mm512_mul_ps(qv[g][0], kv[0]);
+                for (int j = 1; j < NCH; ++j) acc = _mm512_fmadd_ps(qv[g][j], kv[j], acc);
+                o[g * columns + c] = to_bf16(b + scale * _mm512_reduce_add_ps(acc));
+            }
+        }
+    }
+}
+
+template <int NCH>
+void mix(const uint16_t* p, const uint16_t* v, int64_t kv_row, int64_t kv_head, const uint16_t* bias,
+         int64_t bias_row, uint16_t* out, int64_t rows, int64_t heads, int64_t groups, int64_t columns) {
+    constexpr int64_t D = NCH * 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t rh = 0; rh < rows * heads; ++rh) {
+        const int64_t r = rh / heads, h = rh % heads;
+        const uint16_t* pr = p + rh * groups * columns;
+        const uint16_t* vr = v + r * kv_row + h * kv_head;
+        const uint16_t* br = bias + r * bias_row;
+        __m512 acc[kMaxGroups][NCH];
+        for (int64_t g = 0; g < groups; ++g)
+            for (int j = 0; j < NCH; ++j) acc[g][j] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < columns; ++c) {
+            if (br[c] == kNegInf) continue;
+            __m512 vv[NCH];
+            for (int j = 0; j < NCH; ++j) vv[j] = load16(vr + c * D + j * 16);
+            for (int64_t g = 0; g < groups; ++g) {
+                const __m512 w = _mm512_set1_ps(to_float(pr[g * columns + c]));
+                for (int j = 0; j < NCH; ++j) acc[g][j] = _mm512_fmadd_ps(w, vv[j], acc[g][j]);
+            }
+        }
+        uint16_t* o = out + (r * heads + h) * groups * D;
+        alignas(64) float lanes[16];
+        for (int64_t g = 0; g < groups; ++g)
+            for (int j = 0; j < NCH; ++j) {
+                _mm512_store_ps(lanes, acc[g][j]);
+                for (int l = 0; l < 16; ++l) o[g * D + j * 16 + l] = to_bf16(lanes[l]);
+            }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// x and out [rows, width] with rows `row_stride` apart, w [width]. Returns -1 unless width % 16 == 0.
+int tgq_rms_norm(const uint16_t* x, int64_t row_stride, const uint16_t* w, uint16_t* out, int64_t rows,
+                 int64_t width, float eps) {
+    if (width % 16 != 0) return -1;
+#pragma omp parallel for schedule(static) if (rows > 8)
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t* xr = x + r * row_stride;
+        uint16_t* o = out + r * width;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < width; i += 16) {
+            const __m512 v = load16(xr + i);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(width) + eps);
+        for (int64_t i = 0; i < width; ++i) o[i] = to_bf16(to_float(to_bf16(to_float(xr[i]) * inv)) * to_float(w[i]));
+    }
+    return 0;
+}
+
+// Returns 0, or -1 for a head size or group count this build does not handle.
+int tgq_scores(const uint16_t* q, int64_t q_row, const uint16_t* k, int64_t kv_row, int64_t kv_head,
+               const uint16_t* bias, int64_t bias_row, uint16_t* out, int64_t rows, int64_t heads,
+               int64_t groups, int64_t columns, int64_t head_dim, float scale) {
+    if (groups < 1 || groups > kMaxGroups) return -1;
+    switch (head_dim) {
+        case 64: scores<4>(q, q_row, k, kv_row, kv_head, bias, bias_row, out, rows, heads, groups, columns, scale); return 0;
+        case 128: scores<8>(q, q_row, k, kv_row, kv_head, bias, bias_row, out, rows, heads, groups, columns, scale); return 0;
+        default: return -1;
+    }
+}
+
+int tgq_mix(const uint16_t* p, const uint16_t* v, int64_t kv_row, int64_t kv_head, const uint16_t* bias,
+            int64_t bias_row, uint16_t* out, int64_t rows, int64_t heads, int64_t groups, int64_t columns,
+            int64_t head_dim) {
+    if (groups < 1 || groups > kMaxGroups) return -1;
+    switch (head_dim) {
+        case 64: mix<4>(p, v, kv_row, kv_head, bias, bias_row, out, rows, heads, groups, columns); return 0;
+        case 128: mix<8>(p, v, kv_row, kv_head, bias, bias_row, out, rows, heads, groups, columns); return 0;
+        default: return -1;
+    }
+}
+
+}  // extern "C"
