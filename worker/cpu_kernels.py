@@ -10,9 +10,12 @@ once to bf16, softmax in fp32 rounded to bf16, probabilities times values summed
 rounded once. Only the order of fp32 additions differs from oneDNN's, so an output may be one
 bf16 place apart.
 
-RMS norm. torch's `rms_norm` on a [32, 576] bf16 decode input costs ~25 us (several ops with
-dtype conversions), a [1000, 576] prefill ~1.9 ms; the kernel does each row in one pass
-(~8 us / ~0.15 ms) with transformers' LlamaRMSNorm rounding.
+RMS norm (with the residual add before it) and the rotary embedding. torch's `rms_norm` on a
+[32, 576] bf16 decode input costs ~25 us (several ops with dtype conversions), a [1000, 576]
+prefill ~1.9 ms; the kernel does each row in one pass (~8 us / ~0.15 ms). The rotary embedding
+is four torch ops (a cat, two products, a sum). Both round where torch's ops round (LlamaRMSNorm's
+arithmetic; each product and sum to bf16), so their outputs are torch's but for the order of the
+norm's fp32 sum of squares.
 
 The source is compiled at first use with the system's C++ compiler (`CXX`, else g++ or c++) into
 the model cache, keyed by the source's hash, and loaded with ctypes; its OpenMP loops run on the
@@ -99,9 +102,12 @@ class CpuKernels:
         self._mix = lib.tgq_mix
         self._mix.argtypes = [_PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64]
         self._rms_norm = lib.tgq_rms_norm
-        self._rms_norm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _I64, ctypes.c_float]
+        self._rms_norm.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float]
         for fn in (self._scores, self._mix, self._rms_norm):
             fn.restype = ctypes.c_int
+        self._rope = lib.tgq_rope
+        self._rope.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64]
+        self._rope.restype = None
 
     # ---- decode attention ------------------------------------------------------------------------
 
@@ -150,14 +156,47 @@ class CpuKernels:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """transformers' LlamaRMSNorm of x [..., H] (bf16, rows evenly spaced, each contiguous)."""
+        return self._norm(x, None, weight, eps)[1]
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, its RMS norm): a residual add and the next norm in one pass (x, delta contiguous)."""
+        if not (x.is_contiguous() and delta.is_contiguous() and delta.shape == x.shape and delta.dtype == BF16):
+            raise ValueError("cpu kernels: unexpected residual layout")
+        return self._norm(x, delta, weight, eps)
+
+    def _norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         width = x.shape[-1]
         rows = x.numel() // width
         flat = x.reshape(rows, width)  # a view for the model's layouts (no copy)
         if x.dtype != BF16 or weight.dtype != BF16 or flat.stride(1) != 1 or not weight.is_contiguous():
             raise ValueError("cpu kernels: unexpected norm input layout")
+        total = torch.empty(x.shape, dtype=BF16) if delta is not None else x
         out = torch.empty(x.shape, dtype=BF16)
-        if self._rms_norm(flat.data_ptr(), flat.stride(0), weight.data_ptr(), out.data_ptr(), rows, width, eps):
+        if self._rms_norm(flat.data_ptr(), flat.stride(0), 0 if delta is None else delta.data_ptr(),
+                          0 if delta is None else total.data_ptr(), weight.data_ptr(), out.data_ptr(), rows,
+                          width, eps):
             raise ValueError(f"cpu kernels: norm width {width} not built")
+        return total, out
+
+    # ---- rotary embedding ------------------------------------------------------------------------
+
+    @staticmethod
+    def handles_rope(head_dim: int) -> bool:
+        return head_dim % 2 == 0
+
+    def rope(self, qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """`FastLlama._rope` of qk [B, T, heads, D] (each position's heads contiguous) with cos and
+        signed_sin [B, T, 1, D] (contiguous): a new contiguous [B, T, heads, D]."""
+        b, t, heads, d = qk.shape
+        rows = qk.reshape(b * t, heads, d)  # a view when positions are evenly spaced
+        if (qk.dtype != BF16 or rows.stride(1) != d or rows.stride(2) != 1 or not cos.is_contiguous()
+                or not signed_sin.is_contiguous() or cos.numel() != b * t * d or signed_sin.numel() != b * t * d):
+            raise ValueError("cpu kernels: unexpected rotary input layout")
+        out = torch.empty(b, t, heads, d, dtype=BF16)
+        self._rope(rows.data_ptr(), rows.stride(0), cos.data_ptr(), signed_sin.data_ptr(), out.data_ptr(),
+                   b * t, heads, d)
         return out
 
 

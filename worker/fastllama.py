@@ -121,6 +121,7 @@ class FastLlama:
         self.kernel_attention = self.kernels is not None and self.kernels.handles_attention(
             self.n_q, self.n_kv, self.head_dim)
         self.kernel_norm = self.kernels is not None and self.kernels.handles_norm(int(cfg.hidden_size))
+        self.kernel_rope = self.kernels is not None and self.kernels.handles_rope(self.head_dim)
 
         def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
             if pack:
@@ -143,6 +144,8 @@ class FastLlama:
                 qkv=linear(qkv_w, _cat_bias(att.q_proj, att.k_proj, att.v_proj)), o=o,
                 gate_up=linear(gu_w, _cat_bias(mlp.gate_proj, mlp.up_proj)), down=down,
                 norm1=layer.input_layernorm.weight, norm2=layer.post_attention_layernorm.weight))
+        # The norm after layer i: layer i + 1's input norm, the final norm after the last layer.
+        self._next_norms = [nxt.norm1 for nxt in self.layers[1:]] + [self.final_norm]
 
     def _rope_tables(self, cfg: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """cos/sin of every position, computed once by transformers' own rotary module (the same
@@ -169,10 +172,18 @@ class FastLlama:
             return self.kernels.rms_norm(x, weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * weight
 
-    @staticmethod
-    def _rope(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream x + delta, and its norm."""
+        if self.kernel_norm:
+            return self.kernels.add_rms_norm(x, delta, weight, self.eps)
+        x = x + delta
+        return x, self._norm(x, weight)
+
+    def _rope(self, qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         """transformers' q * cos + rotate_half(q) * sin, with rotate_half's negation moved into the sin
         table (`signed_sin`: its first half negated, once per forward): -a * b == a * -b exactly."""
+        if self.kernel_rope:
+            return self.kernels.rope(qk, cos, signed_sin)
         half = qk.shape[-1] // 2
         rotated = torch.cat((qk[..., half:], qk[..., :half]), dim=-1)
         return qk * cos + rotated * signed_sin
@@ -187,8 +198,9 @@ class FastLlama:
         cos, sin = self._rope_factors(cos, sin)
         column_bias: torch.Tensor | None = None
         grouped_bias: torch.Tensor | None = None
-        for layer, slots in zip(self.layers, cache.slot_layers):
-            q, k, v = self._project(layer, x, cos, sin)
+        h = self._norm(x, self.layers[0].norm1)
+        for i, (layer, slots) in enumerate(zip(self.layers, cache.slot_layers)):
+            q, k, v = self._project(layer, h, cos, sin)
             keys, values = slots.update(k, v)
             if t == 1:
                 if column_bias is None or column_bias.shape[-1] != slots.kbuf.shape[2]:
@@ -200,8 +212,8 @@ class FastLlama:
                     attn = self._decode_attention(q, slots.kbuf[:b], slots.vbuf[:b], grouped_bias)
             else:
                 attn = self._prefill_attention(q, keys, values, attention_mask)
-            x = self._finish(layer, x, attn)
-        return self._norm(x, self.final_norm)
+            x, h = self._finish(layer, x, attn, self._next_norms[i])
+        return h
 
     @torch.inference_mode()
     def decode_in_place(self, input_ids: torch.Tensor, position_ids: torch.Tensor, column_bias: torch.Tensor,
@@ -216,13 +228,14 @@ class FastLlama:
         x = self.embed(input_ids)
         cos, sin = self._rope_factors(self._cos[position_ids], self._sin[position_ids])
         bias = self._grouped_bias(column_bias)
-        for layer, (kbuf, vbuf) in zip(self.layers, buffers):
-            q, k, v = self._project(layer, x, cos, sin)
+        h = self._norm(x, self.layers[0].norm1)
+        for layer, (kbuf, vbuf), next_norm in zip(self.layers, buffers, self._next_norms):
+            q, k, v = self._project(layer, h, cos, sin)
             kbuf, vbuf = kbuf[:rows], vbuf[:rows]
             kbuf.index_copy_(2, column, k)
             vbuf.index_copy_(2, column, v)
-            x = self._finish(layer, x, self._decode_attention(q, kbuf, vbuf, bias))
-        return self._norm(x, self.final_norm)
+            x, h = self._finish(layer, x, self._decode_attention(q, kbuf, vbuf, bias), next_norm)
+        return h
 
     @property
     def rope_positions(self) -> int:
@@ -236,21 +249,23 @@ class FastLlama:
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         return cos.unsqueeze(2), sin.unsqueeze(2)
 
-    def _project(self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor,
+    def _project(self, layer: _Layer, normed: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The attention's inputs: q [B, n_q, T, D], rotated k and v [B, n_kv, T, D]."""
-        b, t, _ = x.shape
+        """The attention's inputs from the layer's normed input: q [B, n_q, T, D], rotated k and v [B, n_kv, T, D]."""
+        b, t, _ = normed.shape
         n_q, n_kv = self.n_q, self.n_kv
-        qkv = layer.qkv(self._norm(x, layer.norm1)).view(b, t, n_q + 2 * n_kv, self.head_dim)
+        qkv = layer.qkv(normed).view(b, t, n_q + 2 * n_kv, self.head_dim)
         qk = self._rope(qkv[:, :, :n_q + n_kv], cos, sin)
         return (qk[:, :, :n_q].transpose(1, 2), qk[:, :, n_q:].transpose(1, 2),
                 qkv[:, :, n_q + n_kv:].transpose(1, 2))
 
-    def _finish(self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """The layer's output projection and MLP, each with its residual."""
-        x = x + layer.o(attn)
-        gu = layer.gate_up(self._norm(x, layer.norm2))
-        return x + layer.down(F.silu(gu[..., :self.inter]) * gu[..., self.inter:])
+    def _finish(self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor,
+                next_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's output projection and MLP, each with its residual: the residual stream, and its
+        norm with `next_norm` (the next layer's input norm, or the final norm)."""
+        x, h = self._add_norm(x, layer.o(attn), layer.norm2)
+        gu = layer.gate_up(h)
+        return self._add_norm(x, layer.down(F.silu(gu[..., :self.inter]) * gu[..., self.inter:]), next_norm)
 
     @staticmethod
     def _column_bias(mask: torch.Tensor, slots: SlotLayer) -> torch.Tensor:
@@ -361,26 +376,34 @@ def _check_kernels(fast: FastLlama) -> None:
     if kernels is None:
         return
     g = torch.Generator().manual_seed(0)
-    bf16 = torch.bfloat16
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(torch.bfloat16)
+
     if fast.kernel_attention:
         rows, columns, d = 5, 37, fast.head_dim
-        qkv = torch.randn(rows, 1, fast.n_q + 2 * fast.n_kv, d, generator=g).to(bf16)
-        q = qkv[:, :, :fast.n_q].transpose(1, 2)  # the projection's layout
-        kbuf, vbuf = (torch.randn(rows, fast.n_kv, columns, d, generator=g).to(bf16) for _ in range(2))
-        bias = torch.zeros(rows, columns, dtype=bf16)
+        q = rand(rows, 1, fast.n_q + 2 * fast.n_kv, d)[:, :, :fast.n_q].transpose(1, 2)  # the projection's layout
+        kbuf, vbuf = rand(rows, fast.n_kv, columns, d), rand(rows, fast.n_kv, columns, d)
+        bias = torch.zeros(rows, columns, dtype=torch.bfloat16)
         bias[:, 30:] = float("-inf")  # spare columns past the window
         bias[1, :9] = float("-inf")  # a shorter row's left padding
-        err = _deviation(kernels.attention(q, kbuf, vbuf, bias, fast.scale),
-                         fast._decode_attention(q, kbuf, vbuf, fast._grouped_bias(bias)))
-        fast.kernel_attention = _keep("decode attention", err)
+        fast.kernel_attention = _keep("decode attention", kernels.attention(q, kbuf, vbuf, bias, fast.scale),
+                                      fast._decode_attention(q, kbuf, vbuf, fast._grouped_bias(bias)))
     if fast.kernel_norm:
-        weight = fast.final_norm
-        x = (3 * torch.randn(7, weight.shape[0], generator=g)).to(bf16)
-        err = _deviation(kernels.rms_norm(x, weight, fast.eps), F.rms_norm(x, (x.shape[-1],), eps=fast.eps) * weight)
-        fast.kernel_norm = _keep("rms norm", err)
+        weight, x, delta = fast.final_norm, 3 * rand(7, fast.final_norm.shape[0]), rand(7, fast.final_norm.shape[0])
+        total, normed = kernels.add_rms_norm(x, delta, weight, fast.eps)
+        fast.kernel_norm = (_keep("residual add", total, x + delta) and _keep(
+            "rms norm", normed, F.rms_norm(x + delta, (x.shape[-1],), eps=fast.eps) * weight))
+    if fast.kernel_rope:
+        heads, d = fast.n_q + fast.n_kv, fast.head_dim
+        qk = rand(3, 2, heads + fast.n_kv, d)[:, :, :heads]
+        cos, sin = rand(3, 2, 1, d), rand(3, 2, 1, d)
+        fast.kernel_rope = False
+        fast.kernel_rope = _keep("rotary embedding", kernels.rope(qk, cos, sin), fast._rope(qk, cos, sin))
 
 
-def _keep(what: str, err: float) -> bool:
+def _keep(what: str, got: torch.Tensor, want: torch.Tensor) -> bool:
+    err = _deviation(got, want)
     if err <= KERNEL_TOLERANCE:
         log.info("%s: compiled kernel (largest deviation from torch's ops %.2g)", what, err)
         return True

@@ -42,6 +42,30 @@ def test_rms_norm_reads_strided_rows(kernel):
     assert torch.equal(kernel.rms_norm(x[:, -1:], weight, 1e-6), kernel.rms_norm(x[:, -1:].contiguous(), weight, 1e-6))
 
 
+def test_residual_add_and_norm_in_one_pass(kernel):
+    g = torch.Generator().manual_seed(4)
+    x, delta = (3 * torch.randn(2, 5, 576, generator=g)).to(BF16), torch.randn(2, 5, 576, generator=g).to(BF16)
+    weight = (torch.rand(576, generator=g) + 0.5).to(BF16)
+    total, normed = kernel.add_rms_norm(x, delta, weight, 1e-5)
+    assert torch.equal(total, x + delta)  # rounded once to bf16, as torch's add
+    assert torch.equal(normed, kernel.rms_norm(x + delta, weight, 1e-5))
+    with pytest.raises(ValueError):
+        kernel.add_rms_norm(x, delta.transpose(0, 1).contiguous().transpose(0, 1), weight, 1e-5)
+
+
+@pytest.mark.parametrize("t,n_q,n_kv,head_dim", [(1, 9, 3, 64), (7, 4, 2, 16), (2, 8, 8, 128)])
+def test_rope_rounds_like_torch(kernel, t, n_q, n_kv, head_dim):
+    """Each product and the sum rounded to bf16 where torch's ops round them: the same bits."""
+    g = torch.Generator().manual_seed(5)
+    qkv = (4 * torch.randn(3, t, n_q + 2 * n_kv, head_dim, generator=g)).to(BF16)
+    qk = qkv[:, :, :n_q + n_kv]  # the projection's layout: positions (n_q + 2 n_kv) * D apart
+    cos, sin = (torch.randn(3, t, 1, head_dim, generator=g).to(BF16) for _ in range(2))
+    half = head_dim // 2
+    want = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin
+    got = kernel.rope(qk, cos, sin)
+    assert got.is_contiguous() and torch.equal(got, want)
+
+
 def _torch_attention(q, kbuf, vbuf, bias, n_q, n_kv, head_dim):
     """FastLlama's torch path, the reference."""
     model = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=n_q * head_dim, intermediate_size=8,

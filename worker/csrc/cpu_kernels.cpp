@@ -10,8 +10,12 @@
 // sums its columns in column order, whatever other rows share the batch.
 //
 // RMS norm, transformers' LlamaRMSNorm: in fp32 x / sqrt(mean(x^2) + eps), rounded to bf16, times
-// the weight, rounded again:
-//   tgq_rms_norm:  out[r, i] = bf16(bf16(x[r, i] * inv_rms(x[r])) * w[i])
+// the weight, rounded again; optionally after a residual add, rounded to bf16 as torch's add rounds:
+//   tgq_rms_norm:  [sum[r, i] = bf16(x[r, i] + d[r, i]), x = sum]  out[r, i] = bf16(bf16(x[r, i] * inv_rms(x[r])) * w[i])
+//
+// Rotary embedding, transformers' q * cos + rotate_half(q) * sin with rotate_half's negation in the
+// sin table; each product and the sum rounded to bf16, as torch's three ops round them:
+//   tgq_rope:  out[r, h, i] = bf16(bf16(x[r, h, i] * cos[r, i]) + bf16(x[r, h, i +- D/2] * sin[r, i]))
 //
 // Built and loaded at run time with -fopenmp: the loops run on the OpenMP pool torch already started.
 #include <immintrin.h>
@@ -113,13 +117,20 @@ void mix(const uint16_t* p, const uint16_t* v, int64_t kv_row, int64_t kv_head, 
 
 extern "C" {
 
-// x and out [rows, width] with rows `row_stride` apart, w [width]. Returns -1 unless width % 16 == 0.
-int tgq_rms_norm(const uint16_t* x, int64_t row_stride, const uint16_t* w, uint16_t* out, int64_t rows,
-                 int64_t width, float eps) {
+// x and out [rows, width] with x's rows `row_stride` apart, w [width]. With `delta` (rows contiguous,
+// like `sum`), x + delta is written to `sum` and normalised. Returns -1 unless width % 16 == 0.
+int tgq_rms_norm(const uint16_t* x, int64_t row_stride, const uint16_t* delta, uint16_t* sum, const uint16_t* w,
+                 uint16_t* out, int64_t rows, int64_t width, float eps) {
     if (width % 16 != 0) return -1;
 #pragma omp parallel for schedule(static) if (rows > 8)
     for (int64_t r = 0; r < rows; ++r) {
         const uint16_t* xr = x + r * row_stride;
+        if (delta != nullptr) {
+            const uint16_t* dr = delta + r * width;
+            uint16_t* sr = sum + r * width;
+            for (int64_t i = 0; i < width; ++i) sr[i] = to_bf16(to_float(xr[i]) + to_float(dr[i]));
+            xr = sr;
+        }
         uint16_t* o = out + r * width;
         __m512 acc = _mm512_setzero_ps();
         for (int64_t i = 0; i < width; i += 16) {
@@ -130,6 +141,27 @@ int tgq_rms_norm(const uint16_t* x, int64_t row_stride, const uint16_t* w, uint1
         for (int64_t i = 0; i < width; ++i) o[i] = to_bf16(to_float(to_bf16(to_float(xr[i]) * inv)) * to_float(w[i]));
     }
     return 0;
+}
+
+// x [rows, heads, D] with rows `row_stride` apart (heads contiguous), cos and sin [rows, D], out
+// [rows, heads, D] contiguous.
+void tgq_rope(const uint16_t* x, int64_t row_stride, const uint16_t* cos, const uint16_t* sin, uint16_t* out,
+              int64_t rows, int64_t heads, int64_t head_dim) {
+    const int64_t half = head_dim / 2;
+#pragma omp parallel for schedule(static) if (rows > 8)
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t* c = cos + r * head_dim;
+        const uint16_t* s = sin + r * head_dim;
+        for (int64_t h = 0; h < heads; ++h) {
+            const uint16_t* xh = x + r * row_stride + h * head_dim;
+            uint16_t* o = out + (r * heads + h) * head_dim;
+            for (int64_t i = 0; i < head_dim; ++i) {
+                const float rotated = to_float(xh[i < half ? i + half : i - half]);
+                o[i] = to_bf16(to_float(to_bf16(to_float(xh[i]) * to_float(c[i]))) +
+                               to_float(to_bf16(rotated * to_float(s[i]))));
+            }
+        }
+    }
 }
 
 // Returns 0, or -1 for a head size or group count this build does not handle.
