@@ -20,7 +20,7 @@ norm's fp32 sum of squares.
 The source is compiled at first use with the system's C++ compiler (`CXX`, else g++ or c++) into
 the model cache, keyed by the source's hash, and loaded with ctypes; its OpenMP loops run on the
 thread pool torch already started (the library asks for `libgomp.so.1`, which torch has loaded).
-`FastLlama` checks both kernels against torch's ops at load; without a compiler or AVX-512, or
+`FastLlama` checks each kernel against torch's ops at load; without a compiler or AVX-512, or
 if a check fails, it keeps torch's ops.
 """
 from __future__ import annotations

@@ -14,6 +14,10 @@ serving engines lay out their models:
   That is transformers' "eager" attention arithmetic (scores as a bf16 matmul, softmax in fp32);
   prompts (several tokens per row) go through torch's scaled_dot_product_attention as in
   transformers' default path;
+- each residual add is done with the norm after it, and the layer hands its normed output to the
+  next layer;
+- on CPU in bf16, the decode attention, the add + norm and the rotary embedding run as small C++
+  kernels (worker/cpu_kernels.py) that compute what these torch ops compute, in one pass each;
 - `decode_in_place` is the same decode step with its state in device tensors only, so that a
   CUDA graph can record it (worker/graphs.py).
 
@@ -113,8 +117,8 @@ class FastLlama:
         # baddbmm, rounded once) and still give the same bf16 scores as matmul, * scale, + mask.
         self.fold_scale = math.frexp(self.scale)[0] == 0.5
         self._cos, self._sin = self._rope_tables(cfg)
-        # Compiled bf16 CPU kernels (worker/cpu_kernels.py) for the decode attention and the norms,
-        # where they handle the shapes; else torch's ops.
+        # Compiled bf16 CPU kernels (worker/cpu_kernels.py) for the decode attention, the residual adds
+        # with the norms, and the rotary embedding, where they handle the shapes; else torch's ops.
         weight = self.embed.weight
         usable = weight.device.type == "cpu" and weight.dtype == torch.bfloat16
         self.kernels = kernels if usable else None
@@ -180,10 +184,14 @@ class FastLlama:
         return x, self._norm(x, weight)
 
     def _rope(self, qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-        """transformers' q * cos + rotate_half(q) * sin, with rotate_half's negation moved into the sin
-        table (`signed_sin`: its first half negated, once per forward): -a * b == a * -b exactly."""
         if self.kernel_rope:
             return self.kernels.rope(qk, cos, signed_sin)
+        return self._torch_rope(qk, cos, signed_sin)
+
+    @staticmethod
+    def _torch_rope(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """transformers' q * cos + rotate_half(q) * sin, with rotate_half's negation moved into the sin
+        table (`signed_sin`: its first half negated, once per forward): -a * b == a * -b exactly."""
         half = qk.shape[-1] // 2
         rotated = torch.cat((qk[..., half:], qk[..., :half]), dim=-1)
         return qk * cos + rotated * signed_sin
@@ -398,8 +406,7 @@ def _check_kernels(fast: FastLlama) -> None:
         heads, d = fast.n_q + fast.n_kv, fast.head_dim
         qk = rand(3, 2, heads + fast.n_kv, d)[:, :, :heads]
         cos, sin = rand(3, 2, 1, d), rand(3, 2, 1, d)
-        fast.kernel_rope = False
-        fast.kernel_rope = _keep("rotary embedding", kernels.rope(qk, cos, sin), fast._rope(qk, cos, sin))
+        fast.kernel_rope = _keep("rotary embedding", kernels.rope(qk, cos, sin), fast._torch_rope(qk, cos, sin))
 
 
 def _keep(what: str, got: torch.Tensor, want: torch.Tensor) -> bool:
