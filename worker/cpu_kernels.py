@@ -108,6 +108,9 @@ class CpuKernels:
         self._rope = lib.tgq_rope
         self._rope.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64]
         self._rope.restype = None
+        self._greedy = lib.tgq_greedy
+        self._greedy.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _I64]
+        self._greedy.restype = None
 
     # ---- decode attention ------------------------------------------------------------------------
 
@@ -198,6 +201,19 @@ class CpuKernels:
         self._rope(rows.data_ptr(), rows.stride(0), cos.data_ptr(), signed_sin.data_ptr(), out.data_ptr(),
                    b * t, heads, d)
         return out
+
+    # ---- greedy choice ---------------------------------------------------------------------------
+
+    def greedy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For bf16 logits [n, V] (rows contiguous) with no processing to apply: torch.argmax and the
+        chosen ids' log_softmax (fp32) -- what `sampling.choose` gives for plain greedy rows."""
+        n, vocab = logits.shape
+        if logits.dtype != BF16 or logits.device.type != "cpu" or logits.stride(1) != 1:
+            raise ValueError("cpu kernels: unexpected logits layout")
+        ids = torch.empty(n, dtype=torch.long)
+        logprobs = torch.empty(n, dtype=torch.float32)
+        self._greedy(logits.data_ptr(), logits.stride(0), ids.data_ptr(), logprobs.data_ptr(), n, vocab)
+        return ids, logprobs
 
 
 def load_cpu_kernels(cache_dir: str | Path) -> CpuKernels | None:

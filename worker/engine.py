@@ -72,6 +72,10 @@ class Engine:
         self._decode_final: Callable[[list[int]], str] = (
             lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
         self._num_layers = int(loaded_model.model.config.num_hidden_layers)
+        # Plain greedy batches: argmax and logprob of the bf16 logits in one compiled pass (worker/cpu_kernels.py).
+        fast = loaded_model.fast
+        self._greedy: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = (
+            fast.kernels.greedy if fast is not None and fast.kernel_greedy else None)
 
     # ---- one step -------------------------------------------------------------------------------
 
@@ -203,8 +207,7 @@ class Engine:
         batch = Batch(rows=rows, cache=group.cache, mask=inputs.mask, next_pos=inputs.mask.sum(dim=1),
                       last_ids=torch.zeros(len(rows), dtype=torch.long, device=self.loaded.device),
                       vocab_size=self.loaded.vocab_size, device=self.loaded.device)
-        ids, logprobs = choose(logits.float(), batch.sampling, batch.seen, [r.ids[-1] for r in rows],
-                               self.watermark)
+        ids, logprobs = self._choose(logits, batch)
         batch.last_ids = ids
         batch.note_seen(ids)
         self._emit(batch, ids, logprobs, events)
@@ -232,9 +235,7 @@ class Engine:
         try:
             input_ids, mask, positions = batch.decode_inputs()
             out = forward(self.loaded, input_ids, mask, positions, batch.cache, logits_to_keep=1)
-            scores = out.logits[:, -1, :].float()
-            ids, logprobs = choose(scores, batch.sampling, batch.seen, [r.ids[-1] for r in batch.rows],
-                                   self.watermark)
+            ids, logprobs = self._choose(out.logits[:, -1, :], batch)
             batch.advance(ids)
             self._emit(batch, ids, logprobs, events)
         except Exception as exc:  # the error boundary: fail the whole batch, keep serving
@@ -244,6 +245,12 @@ class Engine:
         self.metrics.observe_inference("decode", time.perf_counter() - t0, True)
         self.scheduler.on_step()
         self._collect_finished(batch, leaving)
+
+    def _choose(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's next id and its logprob, from its last position's logits [n, V] (model dtype)."""
+        if self._greedy is not None and batch.sampling.plain_greedy:
+            return self._greedy(logits)
+        return choose(logits.float(), batch.sampling, batch.seen, [r.ids[-1] for r in batch.rows], self.watermark)
 
     def _emit(self, batch: Batch, ids: torch.Tensor, logprobs: torch.Tensor, events: list[Event]) -> None:
         """Turn the chosen ids into per-row events (one host transfer for the whole batch)."""

@@ -118,7 +118,7 @@ class FastLlama:
         self.fold_scale = math.frexp(self.scale)[0] == 0.5
         self._cos, self._sin = self._rope_tables(cfg)
         # Compiled bf16 CPU kernels (worker/cpu_kernels.py) for the decode attention, the residual adds
-        # with the norms, and the rotary embedding, where they handle the shapes; else torch's ops.
+        # with the norms, the rotary embedding and greedy choices, where they handle the shapes; else torch's ops.
         weight = self.embed.weight
         usable = weight.device.type == "cpu" and weight.dtype == torch.bfloat16
         self.kernels = kernels if usable else None
@@ -126,6 +126,7 @@ class FastLlama:
             self.n_q, self.n_kv, self.head_dim)
         self.kernel_norm = self.kernels is not None and self.kernels.handles_norm(int(cfg.hidden_size))
         self.kernel_rope = self.kernels is not None and self.kernels.handles_rope(self.head_dim)
+        self.kernel_greedy = self.kernels is not None  # for the engine's plain greedy rows
 
         def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
             if pack:
@@ -407,6 +408,12 @@ def _check_kernels(fast: FastLlama) -> None:
         qk = rand(3, 2, heads + fast.n_kv, d)[:, :, :heads]
         cos, sin = rand(3, 2, 1, d), rand(3, 2, 1, d)
         fast.kernel_rope = _keep("rotary embedding", kernels.rope(qk, cos, sin), fast._torch_rope(qk, cos, sin))
+    if fast.kernel_greedy:
+        logits = 4 * rand(3, 1000)
+        ids, logprobs = kernels.greedy(logits)
+        want = torch.log_softmax(logits.float(), dim=-1).gather(1, ids[:, None]).squeeze(1)
+        fast.kernel_greedy = (torch.equal(ids, torch.argmax(logits.float(), dim=-1))
+                              and _keep("greedy choice", logprobs, want))
 
 
 def _keep(what: str, got: torch.Tensor, want: torch.Tensor) -> bool:

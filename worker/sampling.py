@@ -50,6 +50,7 @@ class SamplingBatch:
     watermark_rows: list[int]
     penalty_rows: list[int]
     candidate_rows: list[int]  # rows with top-k or top-p: warped and drawn among candidates
+    plain_greedy: bool  # every row takes the argmax of the raw logits (no penalty, watermark or warper)
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
@@ -63,6 +64,7 @@ class SamplingBatch:
             watermark_rows=[i for i in rows if params[i].watermark],
             penalty_rows=[i for i in rows if params[i].repetition_penalty != 1.0],
             candidate_rows=[i for i in rows if params[i].top_k != 0 or params[i].top_p < 1.0],
+            plain_greedy=all(not p.sampling and p.repetition_penalty == 1.0 and not p.watermark for p in params),
         )
 
     @property

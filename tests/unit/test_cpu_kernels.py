@@ -207,3 +207,61 @@ def test_load_model_builds_the_kernel_for_bf16_on_cpu_only(tiny_model_dir, tmp_p
     assert len(kernels_built("bf16")) == 1
     assert loaded.fast is not None and loaded.fast.kernel_norm
     assert not loaded.fast.kernel_attention  # head size 16: torch's attention kept
+
+
+def test_greedy_choice_is_torch_argmax_and_log_softmax(kernel):
+    g = torch.Generator().manual_seed(6)
+    logits = (5 * torch.randn(4, 3, 1000 + 7, generator=g)).to(BF16)  # a vocabulary not a multiple of 16
+    logits[1, -1, 500] = logits[1, -1, 900] = logits[1, -1].max() + 1  # a tie: the first index wins
+    logits[2, -1, 1003] = 40.0  # the maximum in the tail past the last 16 columns
+    rows = logits[:, -1]  # prefill logits: rows 3 * V apart
+    ids, logprobs = kernel.greedy(rows)
+    assert torch.equal(ids, torch.argmax(rows.float(), dim=-1)) and int(ids[1]) == 500
+    want = torch.log_softmax(rows.float(), dim=-1).gather(1, ids[:, None]).squeeze(1)
+    assert torch.allclose(logprobs, want, rtol=1e-6, atol=1e-6)
+
+
+def test_greedy_choice_of_degenerate_rows(kernel):
+    logits = torch.zeros(3, 64, dtype=BF16)
+    logits[0, 7], logits[0, 9] = float("nan"), 5.0  # torch.argmax: the NaN
+    logits[1] = float("-inf")
+    logits[2, 3] = float("inf")
+    ids, logprobs = kernel.greedy(logits)
+    assert ids.tolist() == torch.argmax(logits.float(), dim=-1).tolist() == [7, 0, 3]
+    assert torch.isnan(logprobs).all() and torch.log_softmax(logits.float(), dim=-1)[[0, 1, 2], ids].isnan().all()
+
+
+def test_engine_takes_plain_greedy_rows_through_the_kernel(tiny_model_dir, tmp_path):
+    """A bf16 model on CPU: the same tokens and logprobs as torch's choice, for plain greedy batches;
+    a batch with a sampled, penalised or watermarked row keeps the reference path."""
+    from common.model_files import resolve
+    from common.schemas import SamplingParams
+    from worker.model import load_model
+    from worker.sampling import SamplingBatch
+
+    from .test_engine import PROMPTS, job, run_engine
+
+    loaded = load_model(resolve(str(tiny_model_dir)), str(tmp_path), "cpu", "bf16", 1)
+    assert loaded.fast.kernel_greedy
+
+    def tokens(arrivals):
+        eng, _, sink = run_engine(loaded, arrivals)
+        return eng, {rid: [(e.token.id, e.token.logprob) for e in sink.events_for(rid)] for rid in "abc"}
+
+    def arrivals():
+        return {0: [job("a", PROMPTS[0], n=6), job("b", PROMPTS[1], n=4)], 2: [job("c", PROMPTS[2], n=5)]}
+
+    eng, with_kernel = tokens(arrivals())
+    assert eng._greedy is not None
+    loaded.fast.kernel_greedy = False
+    eng, reference = tokens(arrivals())
+    assert eng._greedy is None
+    for special in ({"do_sample": True}, {"repetition_penalty": 1.2}, {"watermark": True}, {"top_k": 5}):
+        params = [SamplingParams(), SamplingParams(**special)]
+        assert not SamplingBatch.build(params, [None, None], "cpu").plain_greedy
+    assert SamplingBatch.build([SamplingParams()] * 2, [None, None], "cpu").plain_greedy
+    for rid, want in reference.items():
+        got = with_kernel[rid]
+        assert len(got) == len(want) > 3
+        assert [t for t, _ in got] == [t for t, _ in want]
+        assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(got, want))

@@ -17,6 +17,12 @@
 // sin table; each product and the sum rounded to bf16, as torch's three ops round them:
 //   tgq_rope:  out[r, h, i] = bf16(bf16(x[r, h, i] * cos[r, i]) + bf16(x[r, h, i +- D/2] * sin[r, i]))
 //
+// Greedy choice of a row of bf16 logits with no processing: torch.argmax (the first maximum, or the
+// first NaN) and the chosen token's log_softmax in fp32, in two passes over the row instead of a
+// float copy, amax, argmax and a [rows, V] log_softmax:
+//   tgq_greedy:  ids[r] = argmax(x[r]), logprobs[r] = -log(sum_i exp(x[r, i] - max(x[r])))
+// (exp: a degree-6 polynomial after range reduction, within ~2e-7 of expf).
+//
 // Built and loaded at run time with -fopenmp: the loops run on the OpenMP pool torch already started.
 #include <immintrin.h>
 #include <cmath>
@@ -113,9 +119,68 @@ void mix(const uint16_t* p, const uint16_t* v, int64_t kv_row, int64_t kv_head, 
     }
 }
 
+// exp(x) for x <= 0 (smaller than ~-87: 0, as expf underflows): 2^n * e^r with |r| <= ln2 / 2.
+inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
 }  // namespace
 
 extern "C" {
+
+// x [rows, vocab] bf16 with rows `row_stride` apart; ids [rows] int64 and logprobs [rows] fp32 written.
+void tgq_greedy(const uint16_t* x, int64_t row_stride, int64_t* ids, float* logprobs, int64_t rows, int64_t vocab) {
+    const int64_t body = vocab - vocab % 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t* xr = x + r * row_stride;
+        __m512 top16 = _mm512_set1_ps(-INFINITY);
+        __mmask16 nan = 0;
+        for (int64_t i = 0; i < body; i += 16) {
+            const __m512 v = load16(xr + i);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            top16 = _mm512_max_ps(top16, v);
+        }
+        float top = _mm512_reduce_max_ps(top16);
+        bool has_nan = nan != 0;
+        for (int64_t i = body; i < vocab; ++i) {
+            const float v = to_float(xr[i]);
+            has_nan |= v != v;
+            top = v > top ? v : top;
+        }
+        int64_t at = 0;
+        if (has_nan) {  // torch.argmax picks the first NaN; log_softmax gives NaN
+            while (to_float(xr[at]) == to_float(xr[at])) ++at;
+            ids[r] = at;
+            logprobs[r] = NAN;
+            continue;
+        }
+        while (at < vocab - 1 && to_float(xr[at]) != top) ++at;
+        ids[r] = at;
+        if (std::isinf(top)) {  // all -inf, or an infinite score: log_softmax gives NaN
+            logprobs[r] = NAN;
+            continue;
+        }
+        const __m512 shift = _mm512_set1_ps(top);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < body; i += 16) acc = _mm512_add_ps(acc, exp_nonpositive(_mm512_sub_ps(load16(xr + i), shift)));
+        float sum = _mm512_reduce_add_ps(acc);
+        for (int64_t i = body; i < vocab; ++i) sum += std::exp(to_float(xr[i]) - top);
+        logprobs[r] = -std::log(sum);
+    }
+}
 
 // x and out [rows, width] with x's rows `row_stride` apart, w [width]. With `delta` (rows contiguous,
 // like `sum`), x + delta is written to `sum` and normalised. Returns -1 unless width % 16 == 0.
