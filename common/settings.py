@@ -137,8 +137,9 @@ class WorkerSettings:
                                      "if it matches transformers' logits at load); false: transformers' forward")
     cuda_graphs: bool = _opt(True, "on CUDA, replay decode steps of the fused forward as CUDA graphs (captured per "
                                    "padded batch size and KV-buffer size)")
-    cpu_kernels: bool = _opt(True, "on CPU in bf16, run the fused forward's decode attention and norms as C++ "
-                                   "kernels (built once into the cache with the system's g++; torch's ops without)")
+    cpu_kernels: bool = _opt(True, "on an AVX-512 CPU in bf16, run the fused forward's decode attention, residual "
+                                   "adds with norms, rotary embedding and greedy choice as C++ kernels (compiled "
+                                   "once into the cache with g++, or $CXX; torch's ops without a compiler)")
     max_batch_total_tokens: int = _opt(0, "token budget of the running batch (0: max_batch_size * max_total_tokens)")
     max_batch_prefill_tokens: int = _opt(4096, "most prompt tokens admitted (and prefilled) at once")
     prefill_chunk_tokens: int = _opt(512, "while rows decode, most prompt tokens prefilled between two decode "

@@ -97,7 +97,8 @@ def load_model(source: ModelSource, cache_dir: str, device: str, dtype: str, thr
     With `fused`, a Llama model also gets tgq's fused forward (worker/fastllama.py), used by
     `forward` when it matched transformers' logits on a probe; on CUDA, with `cuda_graphs`, its
     decode steps are then replayed as CUDA graphs (worker/graphs.py); on CPU in bf16, with
-    `cpu_kernels`, its decode attention and norms run as compiled kernels (worker/cpu_kernels.py)."""
+    `cpu_kernels`, its decode attention, norms, rotary embedding and greedy choice run as compiled
+    kernels (worker/cpu_kernels.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     configure_threads(threads)
