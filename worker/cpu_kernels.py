@@ -18,7 +18,8 @@ arithmetic; each product and sum to bf16), so their outputs are torch's but for 
 norm's fp32 sum of squares.
 
 The source is compiled at first use with the system's C++ compiler (`CXX`, else g++ or c++) into
-the model cache, keyed by the source's hash, and loaded with ctypes; its OpenMP loops run on the
+the model cache, keyed by the source's hash (`common.model_files.build_once`: one process builds,
+the others wait), and loaded with ctypes; its OpenMP loops run on the
 thread pool torch already started (the library asks for `libgomp.so.1`, which torch has loaded).
 `FastLlama` checks each kernel against torch's ops at load; without a compiler or AVX-512, or
 if a check fails, it keeps torch's ops.
@@ -31,21 +32,21 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from common.model_files import build_once
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+LIBRARY = "cpu_kernels.so"
 FLAGS = ("-O3", "-mavx512f", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 HEAD_DIMS = (64, 128)
 MAX_GROUPS = 8
 BF16 = torch.bfloat16
-
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-
 
 def cpu_supported() -> bool:
     """AVX-512 on this CPU (as torch detects it)."""
@@ -62,27 +63,19 @@ def _compiler() -> str | None:
 
 def build_library(cache_dir: str | Path) -> Path:
     """Compile the kernels into `cache_dir` once (per source and flags); returns the library's path."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = Path(cache_dir) / "kernels" / f"cpu_kernels-{key}.so"
-    if target.exists():
-        return target
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                              timeout=300)
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+
+    def compile_into(tmp: Path) -> None:
+        compiler = _compiler()
+        if compiler is None:
+            raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+        done = subprocess.run([compiler, *FLAGS, "-o", str(tmp / LIBRARY), str(SOURCE)], capture_output=True,
+                              text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: workers building at once all end with a whole file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+
+    # Locked and renamed into place whole: workers starting together compile once.
+    return build_once(Path(cache_dir) / "kernels" / f"cpu_kernels-{key}", compile_into) / LIBRARY
 
 
 def _check_buffer(buf: torch.Tensor) -> None:
@@ -96,21 +89,18 @@ class CpuKernels:
 
     def __init__(self, library: Path) -> None:
         lib = ctypes.CDLL(str(library))
-        self._scores = lib.tgq_scores
-        self._scores.argtypes = [_PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64,
-                                 ctypes.c_float]
-        self._mix = lib.tgq_mix
-        self._mix.argtypes = [_PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64]
-        self._rms_norm = lib.tgq_rms_norm
-        self._rms_norm.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float]
-        for fn in (self._scores, self._mix, self._rms_norm):
-            fn.restype = ctypes.c_int
-        self._rope = lib.tgq_rope
-        self._rope.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64]
-        self._rope.restype = None
-        self._greedy = lib.tgq_greedy
-        self._greedy.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _I64]
-        self._greedy.restype = None
+
+        def bind(name: str, restype: type | None, *argtypes: type) -> Any:
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = list(argtypes), restype
+            return fn
+
+        i64, ptr, f32, status = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+        self._scores = bind("tgq_scores", status, ptr, i64, ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, f32)
+        self._mix = bind("tgq_mix", status, ptr, ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64)
+        self._rms_norm = bind("tgq_rms_norm", status, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, f32)
+        self._rope = bind("tgq_rope", None, ptr, i64, ptr, ptr, ptr, i64, i64, i64)
+        self._greedy = bind("tgq_greedy", None, ptr, i64, ptr, ptr, i64, i64)
 
     # ---- decode attention ------------------------------------------------------------------------
 

@@ -88,6 +88,13 @@ def unsupported_reason(model: Any) -> str | None:
     return None
 
 
+def fill_column_bias(bias: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+    """Fill `bias` [R, C] in place: 0 where mask [r, W] is True at column start + w, -inf elsewhere."""
+    bias.fill_(float("-inf"))
+    bias[:mask.shape[0], start:start + mask.shape[1]].masked_fill_(mask, 0.0)
+    return bias
+
+
 @dataclass
 class _Layer:
     qkv: Linear
@@ -280,9 +287,8 @@ class FastLlama:
     def _column_bias(mask: torch.Tensor, slots: SlotLayer) -> torch.Tensor:
         """Additive mask [R, C] over the buffer's columns: 0 where the row attends, -inf elsewhere (exact in bf16)."""
         rows, columns = mask.shape[0], slots.kbuf.shape[2]
-        bias = torch.full((rows, columns), float("-inf"), dtype=slots.kbuf.dtype, device=mask.device)
-        bias[:, slots.start:slots.end].masked_fill_(mask.reshape(rows, -1), 0.0)
-        return bias
+        bias = torch.empty((rows, columns), dtype=slots.kbuf.dtype, device=mask.device)
+        return fill_column_bias(bias, mask.reshape(rows, -1), slots.start)
 
     def _grouped_bias(self, column_bias: torch.Tensor) -> torch.Tensor:
         """[R, C] -> [R * n_kv, groups, C]: laid out as the grouped scores, so it can be baddbmm's input."""

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .fastllama import FastLlama
+from .fastllama import FastLlama, fill_column_bias
 from .kvcache import SlotCache, SlotLayer
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,7 @@ class DecodeGraphs:
         rows, end = mask.shape[0], layer.end
         step.ids[:rows].copy_(input_ids)
         step.positions[:rows].copy_(position_ids)
-        step.column_bias.fill_(float("-inf"))
-        step.column_bias[:rows, layer.start:end + 1].masked_fill_(mask, 0.0)
+        fill_column_bias(step.column_bias, mask, layer.start)
         step.column_bias[rows:, end] = 0.0  # padding rows attend to the column they write
         step.column.fill_(end)
 
