@@ -67,7 +67,10 @@ def _finite(x: float) -> float | None:
 
 
 def _token(t: Token) -> dict[str, Any]:
-    return {"id": t.id, "text": t.text, "logprob": _finite(t.logprob), "special": t.special}
+    d = {"id": t.id, "text": t.text, "logprob": _finite(t.logprob), "special": t.special}
+    if t.top:  # only rows that asked for alternatives carry them
+        d["top"] = [_token(x) for x in t.top]
+    return d
 
 
 def encode_event(event: Event) -> bytes:

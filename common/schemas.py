@@ -27,6 +27,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     watermark: bool = False
     seed: int = 0  # always set: drawn by the API when the client gave none
+    # OpenAI's penalties (the /v1 routes): after the repetition penalty, each id's score loses
+    # frequency_penalty * (times it was generated) + presence_penalty * (1 if it was generated).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    top_n_tokens: int = 0  # how many most likely alternatives to report with each generated token
 
     @property
     def sampling(self) -> bool:
@@ -38,14 +43,17 @@ class SamplingParams:
         return {"do_sample": self.do_sample, "temperature": self.temperature, "top_k": self.top_k,
                 "top_p": self.top_p, "typical_p": self.typical_p,
                 "repetition_penalty": self.repetition_penalty, "watermark": self.watermark,
-                "seed": self.seed}
+                "seed": self.seed, "frequency_penalty": self.frequency_penalty,
+                "presence_penalty": self.presence_penalty, "top_n_tokens": self.top_n_tokens}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
         return cls(do_sample=bool(d["do_sample"]), temperature=float(d["temperature"]),
                    top_k=int(d["top_k"]), top_p=float(d["top_p"]), typical_p=float(d["typical_p"]),
                    repetition_penalty=float(d["repetition_penalty"]), watermark=bool(d["watermark"]),
-                   seed=int(d["seed"]))
+                   seed=int(d["seed"]), frequency_penalty=float(d.get("frequency_penalty", 0.0)),
+                   presence_penalty=float(d.get("presence_penalty", 0.0)),
+                   top_n_tokens=int(d.get("top_n_tokens", 0)))
 
 
 @dataclass(frozen=True)
@@ -97,15 +105,21 @@ class Token:
     text: str
     logprob: float
     special: bool
+    # The job's `top_n_tokens` most likely ids of the distribution this token was drawn from, most
+    # likely first (each with its own logprob); empty unless the job asked for them.
+    top: tuple[Token, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "text": self.text, "logprob": self.logprob, "special": self.special}
+        d = {"id": self.id, "text": self.text, "logprob": self.logprob, "special": self.special}
+        if self.top:
+            d["top"] = [t.to_dict() for t in self.top]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Token:
         lp = d["logprob"]
         return cls(id=int(d["id"]), text=str(d["text"]), logprob=float("nan") if lp is None else float(lp),
-                   special=bool(d["special"]))
+                   special=bool(d["special"]), top=tuple(cls.from_dict(t) for t in d.get("top", ())))
 
 
 @dataclass(frozen=True)
