@@ -18,7 +18,7 @@ from common.errors import Unauthorized
 from common.redis_client import connect
 from common.settings import ApiSettings, LimitSettings, ModelSettings, RedisSettings
 
-from . import docs, routes
+from . import docs, playground, routes
 from .errors import register_error_handlers
 from .metrics import Metrics
 from .queue import JobQueue
@@ -77,6 +77,7 @@ def create_app(config: AppConfig, *, redis_client: redis.Redis | None = None) ->
 
     app.register_blueprint(routes.bp)
     app.register_blueprint(docs.bp)
+    app.register_blueprint(playground.bp)
     register_error_handlers(app, api.max_body_bytes)
     _install_cors(app, api)
     _install_api_key(app, api)

@@ -17,6 +17,9 @@ need redis-server redis-server
 # g++ compiles the worker's CPU decode-attention kernel at its first start (worker/cpu_attention.py);
 # without it the worker runs torch's attention, slower.
 need g++ g++
+# The playground page's test drives Debian's headless Chromium through its ChromeDriver.
+need chromium chromium
+need chromedriver chromium-driver
 
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
