@@ -77,7 +77,9 @@ class PendingPrefill:
     def prefill_details(self, i: int, decode_one: Callable[[int], str]) -> tuple[PrefillToken, ...]:
         """TGI's prefill details of row i: each prompt id with its log-probability given the ids before it."""
         row = self.rows[i]
-        values = torch.cat(self._logprobs, dim=1)[i, self.width - row.prompt_len:].tolist()
+        # A group one column wide (one-token prompts) predicts no prompt id: nothing was kept.
+        kept = torch.cat(self._logprobs, dim=1)[i].tolist() if self._logprobs else []
+        values = kept[self.width - row.prompt_len:]
         return prefill_details(row.ids[:row.prompt_len], values, decode_one)
 
 

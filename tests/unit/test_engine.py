@@ -69,9 +69,9 @@ class RecordingSink:
         return next(ev for _, r, ev in self.finished_calls if r == rid)
 
 
-def job(rid, prompt, n=8, want_tokens=True, **sampling) -> GenerationJob:
+def job(rid, prompt, n=8, want_tokens=True, want_prefill=False, **sampling) -> GenerationJob:
     return GenerationJob(rid, tuple(prompt), SamplingParams(**sampling), StoppingParams(max_new_tokens=n), "chan",
-                         want_tokens=want_tokens, attempt=1)
+                         want_tokens=want_tokens, want_prefill=want_prefill, attempt=1)
 
 
 def run_engine(loaded, arrivals, settings=None, sink=None, max_steps=200):
@@ -141,6 +141,20 @@ def test_tokens_and_prefill_only_when_asked(tiny_loaded):
     _, _, sink = run_engine(tiny_loaded, {0: [job("y", PROMPTS[0], n=3, want_tokens=False)]})
     final = sink.result("y")
     assert final.tokens == () and final.prefill == ()
+
+
+def test_one_token_prompts_get_prefill_details(tiny_loaded):
+    """A prefill group one column wide predicts no prompt id: each row's prefill is its one id, logprob None."""
+    alone = [job("a", [5], n=3, want_prefill=True)]
+    together = [job("b", [5], n=3, want_prefill=True), job("c", [900], n=2, want_prefill=True)]
+    for jobs in (alone, together):
+        _, _, sink = run_engine(tiny_loaded, {0: jobs})
+        for j in jobs:
+            final = sink.result(j.request_id)
+            assert isinstance(final, FinalEvent), final
+            assert [(p.id, p.text, p.logprob) for p in final.prefill] == [
+                (j.input_ids[0], tiny_loaded.tokenizer.decode(j.input_ids), None)]
+            assert final.generated_tokens == len(final.tokens) == j.stopping.max_new_tokens
 
 
 def test_rows_leave_on_the_step_they_finish_and_newcomers_join(tiny_loaded):
