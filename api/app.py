@@ -6,73 +6,66 @@ reads the environment. Redis is not contacted until the first request needs it.
 from __future__ import annotations
 
 import hmac
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 from flask import Flask, Response, request
-from tokenizers import Tokenizer
 
 from common import model_files
 from common.errors import Unauthorized
 from common.redis_client import connect
-from common.settings import ApiSettings, LimitSettings, ModelSettings, RedisSettings
+from common.settings import ApiSettings, LimitSettings, RedisSettings, ServedModelsSettings
 
 from . import docs, playground, routes
 from .errors import register_error_handlers
 from .metrics import Metrics
-from .queue import JobQueue
+from .models import ModelRegistry, ServedModel
 from .reaping import LeaseReaper
 from .replies import ReplyHub
+from .server import tokenizer_dirs
 from .service import GenerationService
 from .state import TgqState
-from .validation import Validator
 
 CORS_METHODS = "GET,POST"
+# What `--api-key` guards: every route that generates, tokenizes or lists models.
+GUARDED_ENDPOINTS = routes.GENERATION_ENDPOINTS
 CORS_VARY = "origin, access-control-request-method, access-control-request-headers"
 
 
 @dataclass(frozen=True)
 class AppConfig:
     redis: RedisSettings
-    model: ModelSettings
+    models: ServedModelsSettings
     limits: LimitSettings
     api: ApiSettings
     metrics_dir: str | None = None  # PROMETHEUS_MULTIPROC_DIR under gunicorn; None: in-process metrics
-    tokenizer_file: str | None = None  # tokenizer.json; None: found through common.model_files
+    # each served model's tokenizer directory, in order; None: found through common.model_files
+    tokenizer_dirs: tuple[str, ...] | None = None
     keepalive_s: float = 15.0  # SSE comment after this much silence (axum's KeepAlive default)
     reap_every_s: float = 0.0  # sweep for dead workers' leases (api.reaping); 0: leave it to workers
-
-
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    tok = Tokenizer.from_file(str(path))
-    tok.no_truncation()  # lengths are checked against the limits, never cut silently
-    tok.no_padding()
-    return tok
-
-
-def tokenizer_file(model: ModelSettings) -> Path:
-    source = model_files.resolve(model.model, model.model_id)
-    return model_files.ensure_tokenizer(source, model.cache_dir) / "tokenizer.json"
 
 
 def create_app(config: AppConfig, *, redis_client: redis.Redis | None = None) -> Flask:
     app = Flask("api")
     api = config.api
     app.config["MAX_CONTENT_LENGTH"] = api.max_body_bytes
-    model_id = model_files.resolve(config.model.model, config.model.model_id).model_id
     client = redis_client or connect(config.redis)
-    tok_path = config.tokenizer_file or tokenizer_file(config.model)
-    queue = JobQueue(client, model_id, job_timeout_s=api.request_timeout)
+    dirs = config.tokenizer_dirs or tokenizer_dirs(config.models)
+    created = int(time.time())
+    models = ModelRegistry([
+        ServedModel.load(model_files.resolve(m.model, m.model_id).model_id, Path(d), config.limits, client,
+                         job_timeout_s=api.request_timeout, created=created)
+        for m, d in zip(config.models.entries(), dirs, strict=True)])
     hub = ReplyHub(client)
-    state = TgqState(
-        model_id=model_id, limits=config.limits, api=api, redis=client, hub=hub,
-        validator=Validator(config.limits, load_tokenizer(tok_path)),
-        service=GenerationService(queue, hub, config.limits, api.request_timeout),
-        metrics=Metrics(config.limits, config.metrics_dir), keepalive_s=config.keepalive_s)
+    state = TgqState(models=models, api=api, redis=client, hub=hub,
+                     service=GenerationService(hub, api.request_timeout),
+                     metrics=Metrics(config.limits, config.metrics_dir), keepalive_s=config.keepalive_s)
     if config.reap_every_s > 0:
-        state.reaper = LeaseReaper(queue.queue, config.reap_every_s)
-        state.reaper.start()
+        state.reapers = [LeaseReaper(m.queue.queue, config.reap_every_s) for m in models.models]
+        for reaper in state.reapers:
+            reaper.start()
     app.extensions["tgq"] = state
 
     app.register_blueprint(routes.bp)
@@ -91,7 +84,7 @@ def _install_api_key(app: Flask, api: ApiSettings) -> None:
 
     @app.before_request
     def _check_key() -> None:
-        if request.method == "OPTIONS" or request.endpoint not in routes.GENERATION_ENDPOINTS:
+        if request.method == "OPTIONS" or request.endpoint not in GUARDED_ENDPOINTS:
             return
         given = request.headers.get("Authorization", "").encode()
         if not hmac.compare_digest(given, expected):

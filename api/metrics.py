@@ -6,6 +6,8 @@ families describe the whole cluster, so they are read from Redis at scrape time:
   tgi_queue_size          LLEN of the model's RQ queue (what the 429 check counts)
   tgi_batch_current_size  sum of the workers' `protocol.worker_batch_key` values
   tgi_batch_next_size, tgi_batch_inference_*   the hash `protocol.batch_metrics_key` (metrics_spec)
+TGI's families describe the default (first) model. With several models served, tgq adds its own
+per-model gauges beside them, labelled `model`: tgq_model_queue_size, tgq_model_batch_current_size.
 The text is rendered here rather than by prometheus-client so that names, `le` values and number
 formats match metrics-exporter-prometheus 0.11 (TGI): counters without `_total`, `le="10"` not
 `le="10.0"`, no `_created` samples, and a family only once it has been observed.
@@ -16,7 +18,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram, values
@@ -121,11 +123,12 @@ class Metrics:
 
     # scrape ------------------------------------------------------------------------------------
 
-    def scrape(self, client: redis.Redis, model_id: str, queue_key: str) -> bytes:
-        """The exposition text; `queue_key` is the Redis list of the model's RQ queue."""
+    def scrape(self, client: redis.Redis, models: Sequence[tuple[str, str]]) -> bytes:
+        """The exposition text; `models` holds each served model's (id, Redis list of its RQ queue),
+        the default model first."""
         families = list(self._local_families())
         try:
-            families.extend(self._redis_families(client, model_id, queue_key))
+            families.extend(self._redis_families(client, models))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             log.warning("metrics: Redis unreachable, queue and batch families left out: %s", exc)
         return render(families)
@@ -154,24 +157,37 @@ class Metrics:
             if any(v for v in observed):
                 yield fam
 
-    def _redis_families(self, client: redis.Redis, model_id: str, queue_key: str) -> Iterable[Family]:
+    def _redis_families(self, client: redis.Redis, models: Sequence[tuple[str, str]]) -> Iterable[Family]:
         pipe = client.pipeline(transaction=False)
-        pipe.llen(queue_key)
-        pipe.hgetall(protocol.batch_metrics_key(model_id))
-        queue_len, batch_hash = pipe.execute()
-        batch_keys = list(client.scan_iter(match=protocol.worker_batch_pattern(model_id), count=500))
-        current = 0.0
-        if batch_keys:
-            for value in client.mget(batch_keys):
-                if value is not None:
-                    try:
-                        current += float(value)
-                    except ValueError:
-                        continue
-        yield Family("tgi_queue_size", "gauge", [("tgi_queue_size", {}, float(queue_len))])
-        yield Family("tgi_batch_current_size", "gauge", [("tgi_batch_current_size", {}, current)])
+        for _, queue_key in models:
+            pipe.llen(queue_key)
+        pipe.hgetall(protocol.batch_metrics_key(models[0][0]))
+        *queue_lens, batch_hash = pipe.execute()
+        current = [_current_batch(client, model_id) for model_id, _ in models]
+        yield Family("tgi_queue_size", "gauge", [("tgi_queue_size", {}, float(queue_lens[0]))])
+        yield Family("tgi_batch_current_size", "gauge", [("tgi_batch_current_size", {}, current[0])])
         fields = {_text(k): _number(v) for k, v in batch_hash.items()}
         yield from _batch_families(fields)
+        if len(models) > 1:
+            ids = [model_id for model_id, _ in models]
+            yield Family("tgq_model_queue_size", "gauge", [
+                ("tgq_model_queue_size", {"model": i}, float(n)) for i, n in zip(ids, queue_lens)])
+            yield Family("tgq_model_batch_current_size", "gauge", [
+                ("tgq_model_batch_current_size", {"model": i}, n) for i, n in zip(ids, current)])
+
+
+def _current_batch(client: redis.Redis, model_id: str) -> float:
+    """Sum of the live workers' current batch sizes (their keys expire when they die)."""
+    batch_keys = list(client.scan_iter(match=protocol.worker_batch_pattern(model_id), count=500))
+    current = 0.0
+    if batch_keys:
+        for value in client.mget(batch_keys):
+            if value is not None:
+                try:
+                    current += float(value)
+                except ValueError:
+                    continue
+    return current
 
 
 def _histogram_order(sample: tuple[str, dict[str, str], float]) -> tuple[object, ...]:

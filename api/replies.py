@@ -76,19 +76,18 @@ class ReplyHub:
 
     # requests ----------------------------------------------------------------------------------
 
-    def register(self, request_ids: list[str]) -> list[queue.Queue[Event]]:
-        """Queues for these requests; returns once the channel is subscribed (else Unavailable)."""
+    def register(self, request_ids: list[str]) -> queue.Queue[Event]:
+        """One queue for the events of these requests (a submission's copies or choices); returns
+        once the channel is subscribed (else Unavailable)."""
         self._ensure_started()
-        queues: list[queue.Queue[Event]] = []
+        q: queue.Queue[Event] = queue.Queue()
         with self._lock:
             for rid in request_ids:
-                q: queue.Queue[Event] = queue.Queue()
                 self._queues[rid] = q
-                queues.append(q)
         if not self._ready.wait(SUBSCRIBE_WAIT_S):
             self.unregister(request_ids)
             raise Unavailable()
-        return queues
+        return q
 
     def unregister(self, request_ids: list[str]) -> None:
         with self._lock:
@@ -175,14 +174,18 @@ class Relay:
 
 
 class Subscription:
-    """One request's incoming events, with the stored-result fallback."""
+    """The incoming events of one submission's requests, with the stored-result fallback."""
 
-    def __init__(self, request_id: str, q: queue.Queue[Event],
+    def __init__(self, request_ids: list[str], q: queue.Queue[Event],
                  fetch_stored: Callable[[str], bytes | None]) -> None:
-        self.request_id = request_id
+        self.pending = list(request_ids)  # requests whose final or error event has not arrived
         self._queue = q
         self._fetch_stored = fetch_stored
         self._quiet_since = time.monotonic()
+
+    def ended(self, request_id: str) -> None:
+        if request_id in self.pending:
+            self.pending.remove(request_id)
 
     def next(self, timeout: float) -> Event | None:
         """The next event, or None after `timeout` seconds of silence."""
@@ -197,13 +200,17 @@ class Subscription:
         return event
 
     def _stored(self) -> Event | None:
+        """The first pending request's stored outcome, if a worker stored one."""
         self._quiet_since = time.monotonic()
-        data = self._fetch_stored(self.request_id)
-        if data is None:
-            return None
-        try:
-            event = protocol.decode_event(data)
-        except protocol.ProtocolError as exc:
-            log.warning("stored result of %s is not a tgq event: %s", self.request_id, exc)
-            return None
-        return event if isinstance(event, (FinalEvent, ErrorEvent)) else None
+        for request_id in self.pending:
+            data = self._fetch_stored(request_id)
+            if data is None:
+                continue
+            try:
+                event = protocol.decode_event(data)
+            except protocol.ProtocolError as exc:
+                log.warning("stored result of %s is not a tgq event: %s", request_id, exc)
+                continue
+            if isinstance(event, (FinalEvent, ErrorEvent)):
+                return event
+        return None

@@ -5,28 +5,21 @@ Check order (TGI §3.3): body extraction (plain-text 415/400/422) -> handler-lev
 """
 from __future__ import annotations
 
-import logging
-import select
-import socket
 import time
 
-import redis
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, request
 
-from common.errors import Overloaded, ServiceError, Unavailable, ValidationError
-from common.schemas import FinalEvent
+from common.errors import Overloaded, Unavailable, ValidationError
 
 from .errors import JSON
+from .handlers import failures_counted, state, stream_hooks, wait_finals
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .parsing import JSON_CONTENT_TYPE_MSG, RawParameters, RawRequest, Rejection, is_json_content_type, parse_request
 from .responses import dumps, generate_body, generate_headers, pick_best, stream_headers, timing_for
-from .service import ClientGone, GenerationService, Submission
-from .state import TgqState
+from .service import REDIS_DOWN, JobSpec
 from .streaming import CONTENT_TYPE as SSE_TYPE
 from .streaming import StreamHooks, relay_stream, single_error_stream
-from .validation import ValidRequest, check_best_of
-
-log = logging.getLogger(__name__)
+from .validation import ValidRequest, check_best_of, random_seed
 
 bp = Blueprint("tgq", __name__)
 
@@ -36,11 +29,6 @@ bp = Blueprint("tgq", __name__)
 COMPAT_RETURN_FULL_TEXT = True
 HEALTH_REQUEST = RawRequest(inputs="liveness", parameters=RawParameters(max_new_tokens=1))
 GENERATION_ENDPOINTS = frozenset({"tgq.generate", "tgq.generate_stream", "tgq.compat_generate"})
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-
-
-def _state() -> TgqState:
-    return current_app.extensions["tgq"]  # type: ignore[no-any-return]
 
 
 def _body() -> RawRequest:
@@ -49,30 +37,6 @@ def _body() -> RawRequest:
         raise Rejection(415, JSON_CONTENT_TYPE_MSG)
     return parse_request(request.get_data(cache=False), content_type,
                          compat=request.endpoint == "tgq.compat_generate")
-
-
-def _client_gone() -> bool:
-    """True when the client closed its connection (socket readable, nothing to read)."""
-    return _socket_closed(request.environ.get("gunicorn.socket"))
-
-
-def _socket_closed(sock: socket.socket | None) -> bool:
-    if sock is None:
-        return False
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except (BlockingIOError, InterruptedError):
-        return False
-    except (OSError, ValueError):  # ValueError: the socket was already closed (fileno -1)
-        return True
-
-
-def _cancel(service: GenerationService, sub: Submission) -> None:
-    try:
-        service.cancel(sub)
-    except REDIS_DOWN as exc:
-        log.warning("could not flag %s as cancelled: %s", sub.request_ids, exc)
 
 
 def _full_text(valid: ValidRequest, default: bool) -> bool:
@@ -87,7 +51,7 @@ def _full_text(valid: ValidRequest, default: bool) -> bool:
 def generate() -> Response:
     raw = _body()
     start = time.time()
-    _state().metrics.request_count.inc()
+    state().metrics.request_count.inc()
     return _generate(raw, start, full_text_default=False, as_list=False)
 
 
@@ -95,7 +59,7 @@ def generate() -> Response:
 def generate_stream() -> Response:
     raw = _body()
     start = time.time()
-    _state().metrics.request_count.inc()
+    state().metrics.request_count.inc()
     return _stream(raw, start, full_text_default=False)
 
 
@@ -104,7 +68,7 @@ def generate_stream() -> Response:
 def compat_generate() -> Response:
     raw = _body()
     start = time.time()
-    _state().metrics.request_count.inc()
+    state().metrics.request_count.inc()
     if raw.stream:
         return _stream(raw, start, full_text_default=COMPAT_RETURN_FULL_TEXT)
     return _generate(raw, start, full_text_default=COMPAT_RETURN_FULL_TEXT, as_list=True)
@@ -120,40 +84,34 @@ def health() -> Response:
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    st = _state()
-    text = st.metrics.scrape(st.redis, st.model_id, st.service.queue.key)
+    st = state()
+    text = st.metrics.scrape(st.redis, [(m.id, m.queue.key) for m in st.models.models])
     return Response(text, content_type=METRICS_CONTENT_TYPE)
 
 
 # --- non-streaming -------------------------------------------------------------------------
 
+def _spec(valid: ValidRequest, *, stream: bool) -> JobSpec:
+    """TGI's request in the workers' terms: one job per best_of copy, each with its own seed."""
+    seeds = (valid.sampling.seed,) if valid.seed_given else tuple(random_seed() for _ in range(valid.best_of))
+    return JobSpec(input_ids=valid.input_ids, sampling=valid.sampling, stopping=valid.stopping, seeds=seeds,
+                   want_tokens=not stream and (valid.details or valid.best_of > 1),
+                   want_prefill=not stream and valid.details)
+
+
 def _generate(raw: RawRequest, start: float, *, full_text_default: bool, as_list: bool,
               health: bool = False) -> Response:
-    st = _state()
-    copies = check_best_of(raw.parameters, st.limits, stream=False)  # TGI counts no failure here
-    sub: Submission | None = None
-    try:
-        st.service.admit(copies)
-        valid = st.validator.validate(raw, best_of=copies)
+    st = state()
+    model = st.models.default
+    copies = check_best_of(raw.parameters, model.limits, stream=False)  # TGI counts no failure here
+    with failures_counted(st):
+        model.admit(copies)
+        valid = model.validator.validate(raw, best_of=copies)
         st.metrics.validated(valid.input_length, valid.stopping.max_new_tokens, copies)
-        sub = st.service.submit(valid, stream=False)
-        finals = st.service.collect(sub, st.service.deadline(), _client_gone)
-    except ClientGone:
-        if sub is not None:
-            _cancel(st.service, sub)
-        st.metrics.failure("dropped")
-        return Response(b"", status=499)  # nobody reads it
-    except ServiceError as exc:
-        st.metrics.failure(exc.metric_label)
-        if sub is not None:  # failed or timed out after enqueueing: stop the other copies too
-            _cancel(st.service, sub)
-        raise
-    except REDIS_DOWN:
-        st.metrics.failure(Unavailable.metric_label)
-        raise
-    finally:
-        if sub is not None:
-            st.service.release(sub)
+        sub = st.service.submit(model.queue, [_spec(valid, stream=False)])
+    finals = wait_finals(st, model, sub)
+    if finals is None:
+        return Response(b"", status=499)  # the client went away: nobody reads it
     if health:
         return Response(b"", status=200)
     winner = pick_best(finals)
@@ -169,14 +127,15 @@ def _generate(raw: RawRequest, start: float, *, full_text_default: bool, as_list
 # --- streaming -----------------------------------------------------------------------------
 
 def _stream(raw: RawRequest, start: float, *, full_text_default: bool) -> Response:
-    st = _state()
+    st = state()
+    model = st.models.default
     headers = stream_headers(len(raw.inputs))
     try:
-        copies = check_best_of(raw.parameters, st.limits, stream=True)
-        st.service.admit(copies)
-        valid = st.validator.validate(raw, best_of=copies)
+        copies = check_best_of(raw.parameters, model.limits, stream=True)
+        model.admit(copies)
+        valid = model.validator.validate(raw, best_of=copies)
         st.metrics.validated(valid.input_length, valid.stopping.max_new_tokens, copies)
-        sub = st.service.submit(valid, stream=True)
+        sub = st.service.submit(model.queue, [_spec(valid, stream=True)])
     except (Unavailable, *REDIS_DOWN):
         st.metrics.failure(Unavailable.metric_label)
         raise  # before the stream starts, a Redis outage is a plain 503 rather than a 200 stream
@@ -185,23 +144,8 @@ def _stream(raw: RawRequest, start: float, *, full_text_default: bool) -> Respon
         # TGI answers 200 and sends the error as the only event.
         return Response(single_error_stream(exc), status=200, headers=headers, content_type=SSE_TYPE)
 
-    metrics, service = st.metrics, st.service
-
-    def succeeded(final: FinalEvent) -> None:
-        metrics.succeeded(timing_for(start, sub.enqueued_at, final), final.generated_tokens)
-
-    def failed(exc: ServiceError) -> None:
-        metrics.failure(exc.metric_label)
-        _cancel(service, sub)
-
-    def dropped() -> None:
-        metrics.failure("dropped")
-        _cancel(service, sub)
-
-    sock = request.environ.get("gunicorn.socket")  # the generator runs outside the request context
-    hooks = StreamHooks(on_success=succeeded, on_failure=failed, on_dropped=dropped,
-                        on_close=lambda: service.release(sub), client_gone=lambda: _socket_closed(sock))
-    body = relay_stream(sub, service.deadline(), details=valid.details, hooks=hooks,
-                        keepalive_s=st.keepalive_s,
+    hooks = stream_hooks(st, model, sub, start)
+    body = relay_stream(st.service.events(sub, hooks.client_gone, tick_s=st.keepalive_s), details=valid.details,
+                        hooks=hooks, keepalive_s=st.keepalive_s,
                         prefix=raw.inputs if _full_text(valid, full_text_default) else "")
     return Response(body, status=200, headers=headers, content_type=SSE_TYPE)

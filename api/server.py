@@ -16,7 +16,7 @@ from typing import Any, Callable
 from gunicorn.app.base import BaseApplication
 
 from common import model_files
-from common.settings import ApiSettings, LimitSettings, ModelSettings, RedisSettings
+from common.settings import ApiSettings, LimitSettings, RedisSettings, ServedModelsSettings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 REAP_EVERY_S = 2.0  # each gunicorn worker sweeps for dead workers' leases this often
@@ -73,20 +73,24 @@ def gunicorn_options(api: ApiSettings) -> dict[str, Any]:
     }
 
 
-def run_api(redis: RedisSettings, model: ModelSettings, limits: LimitSettings, api: ApiSettings) -> int:
+def tokenizer_dirs(models: ServedModelsSettings) -> tuple[str, ...]:
+    """Each served model's tokenizer directory (a GGUF's tokenizer is converted once into the cache)."""
+    return tuple(str(model_files.ensure_tokenizer(model_files.resolve(m.model, m.model_id), m.cache_dir))
+                 for m in models.entries())
+
+
+def run_api(redis: RedisSettings, models: ServedModelsSettings, limits: LimitSettings, api: ApiSettings) -> int:
     """Serve the API until gunicorn's master stops; returns its exit status."""
     metrics_dir = prepare_metrics_dir(os.environ.get(MULTIPROC_ENV))
     os.environ[MULTIPROC_ENV] = metrics_dir
-
-    tokenizer = str(model_files.ensure_tokenizer(model_files.resolve(model.model, model.model_id),
-                                                 model.cache_dir) / "tokenizer.json")
+    dirs = tokenizer_dirs(models)  # once, here: a GGUF's conversion must not run in every worker
 
     def factory() -> Any:
         # Imported in the worker, after gevent patched it; prometheus-client sees the variable.
         from .app import AppConfig, create_app
 
-        return create_app(AppConfig(redis=redis, model=model, limits=limits, api=api,
-                                    metrics_dir=metrics_dir, tokenizer_file=tokenizer,
+        return create_app(AppConfig(redis=redis, models=models, limits=limits, api=api,
+                                    metrics_dir=metrics_dir, tokenizer_dirs=dirs,
                                     reap_every_s=REAP_EVERY_S))
 
     try:
@@ -100,5 +104,5 @@ def run_api(redis: RedisSettings, model: ModelSettings, limits: LimitSettings, a
 if __name__ == "__main__":  # pragma: no cover - convenience: python -m api.server
     from common.settings import from_env
 
-    sys.exit(run_api(from_env(RedisSettings), from_env(ModelSettings), from_env(LimitSettings),
+    sys.exit(run_api(from_env(RedisSettings), from_env(ServedModelsSettings), from_env(LimitSettings),
                      from_env(ApiSettings)))

@@ -1,6 +1,8 @@
-"""One generation request's life between validation and the response: submit, wait, cancel.
+"""The format-neutral core of a generation request: submit jobs, relay their events, cancel.
 
-Shared by `/generate`, `/generate_stream`, the compat routes and `/health`; no Flask here.
+Both dialects (TGI's routes in `api.tgi`, the OpenAI-style routes in `api.openai`) go through
+here: they map their request onto a `JobSpec`, submit it to a served model, and turn the events
+of `GenerationService.events` into their own response format. No Flask here.
 """
 from __future__ import annotations
 
@@ -8,17 +10,18 @@ import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
-from common.errors import ERROR_TYPES, GenerationError, IncompleteGeneration, ServiceError
-from common.schemas import ErrorEvent, FinalEvent, GenerationJob, TokenEvent
-from common.settings import LimitSettings
+import redis
+
+from common.errors import ERROR_TYPES, GenerationError, IncompleteGeneration, ServiceError, Unavailable
+from common.schemas import ErrorEvent, Event, FinalEvent, GenerationJob, SamplingParams, StoppingParams, TokenEvent
 
 from .queue import JobQueue
 from .replies import Relay, ReplyHub, Subscription
-from .validation import ValidRequest, random_seed
 
-CLIENT_CHECK_S = 1.0  # how often a non-stream request looks at its client's socket
+CLIENT_CHECK_S = 1.0  # how often a waiting request looks at its client's socket
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 class ClientGone(Exception):
@@ -33,82 +36,113 @@ def error_from_event(event: ErrorEvent) -> ServiceError:
     return cls(event.message)  # type: ignore[call-arg]
 
 
+@dataclass(frozen=True)
+class JobSpec:
+    """What to generate, in the workers' terms: one job per seed (best_of copies or n choices)."""
+    input_ids: tuple[int, ...]
+    sampling: SamplingParams
+    stopping: StoppingParams
+    seeds: tuple[int, ...]
+    want_tokens: bool = False  # every generated Token in the FinalEvent (non-stream details, logprobs)
+    want_prefill: bool = False  # prompt logprobs (TGI's non-stream details)
+
+
 @dataclass
 class Submission:
-    """The jobs of one HTTP request (best_of copies) and where their events arrive."""
+    """The jobs of one HTTP request and where their events arrive."""
     jobs: list[GenerationJob]
-    subscriptions: list[Subscription]
-    relays: list[Relay]
+    subscription: Subscription
+    relays: dict[str, Relay]
     enqueued_at: float
+    deadline: float  # time.monotonic() after which the request answers incomplete_generation
 
     @property
     def request_ids(self) -> list[str]:
         return [job.request_id for job in self.jobs]
 
+    def choice(self, event: Event) -> int:
+        """Which of the submission's jobs (in submission order) an event belongs to."""
+        return self.request_ids.index(event.request_id)
+
 
 class GenerationService:
-    def __init__(self, queue: JobQueue, hub: ReplyHub, limits: LimitSettings, request_timeout: float) -> None:
-        self.queue = queue
+    def __init__(self, hub: ReplyHub, request_timeout: float) -> None:
         self.hub = hub
-        self.limits = limits
         self.request_timeout = request_timeout
 
-    def admit(self, copies: int) -> None:
-        """The 429 check: raises Overloaded when `copies` more jobs would pass the queue limit."""
-        self.queue.check_capacity(copies, self.limits.max_queue_length)
-
-    def submit(self, valid: ValidRequest, *, stream: bool) -> Submission:
-        """Subscribe, then enqueue one job per best_of copy (each with its own seed)."""
-        ids = [uuid.uuid4().hex for _ in range(valid.best_of)]
-        queues = self.hub.register(ids)
+    def submit(self, queue: JobQueue, specs: Sequence[JobSpec]) -> Submission:
+        """Subscribe, then enqueue one job per seed of each spec (the jobs' order is the choices')."""
+        pairs = [(spec, seed) for spec in specs for seed in spec.seeds]
+        ids = [uuid.uuid4().hex for _ in pairs]
+        q = self.hub.register(ids)
         try:
-            seeds = [valid.sampling.seed] if valid.seed_given else [random_seed() for _ in ids]
             enqueued_at = time.time()
             jobs = [GenerationJob(
-                request_id=rid, input_ids=valid.input_ids,
-                sampling=dataclasses.replace(valid.sampling, seed=seed), stopping=valid.stopping,
-                reply_to=self.hub.channel,
-                want_tokens=not stream and (valid.details or valid.best_of > 1),
-                want_prefill=not stream and valid.details,
-                attempt=0, enqueued_at=enqueued_at) for rid, seed in zip(ids, seeds, strict=True)]
-            self.queue.enqueue(jobs)
+                request_id=rid, input_ids=spec.input_ids, sampling=dataclasses.replace(spec.sampling, seed=seed),
+                stopping=spec.stopping, reply_to=self.hub.channel, want_tokens=spec.want_tokens,
+                want_prefill=spec.want_prefill, attempt=0, enqueued_at=enqueued_at)
+                for rid, (spec, seed) in zip(ids, pairs, strict=True)]
+            queue.enqueue(jobs)
         except BaseException:
             self.hub.unregister(ids)
             raise
-        subs = [Subscription(rid, q, self.queue.stored_result) for rid, q in zip(ids, queues, strict=True)]
-        return Submission(jobs, subs, [Relay() for _ in ids], enqueued_at)
+        return Submission(jobs, Subscription(ids, q, queue.stored_result), {rid: Relay() for rid in ids},
+                          enqueued_at, time.monotonic() + self.request_timeout)
 
-    def deadline(self) -> float:
-        return time.monotonic() + self.request_timeout
+    def events(self, sub: Submission, client_gone: Callable[[], bool] = lambda: False, *,
+               tokens: bool = True, tick_s: float = CLIENT_CHECK_S) -> Iterator[TokenEvent | FinalEvent | None]:
+        """Every job's events in arrival order until each has ended; None after `tick_s` of silence.
 
-    def collect(self, sub: Submission, deadline: float,
-                client_gone: Callable[[], bool] = lambda: False) -> list[FinalEvent]:
-        """Wait for every copy's FinalEvent; raises the first error, IncompleteGeneration, ClientGone."""
-        finals: list[FinalEvent] = []
+        Each token index is passed on once per job (re-runs and repeats dropped); tokens lost in
+        transit are recovered from the final event when it carries them. Raises the ServiceError of
+        the first failed job, IncompleteGeneration past the deadline, Unavailable when Redis drops,
+        ClientGone when `client_gone()` turns true. With `tokens=False` only final events come out.
+        """
         last_check = time.monotonic()
-        for subscription, relay in zip(sub.subscriptions, sub.relays, strict=True):
-            while True:
-                now = time.monotonic()
-                if now >= deadline:
-                    raise IncompleteGeneration()
-                if now - last_check >= CLIENT_CHECK_S:
-                    last_check = now
-                    if client_gone():
-                        raise ClientGone()
-                event = subscription.next(min(deadline - now, CLIENT_CHECK_S))
-                if event is None or isinstance(event, TokenEvent):
-                    continue  # nothing was sent to this client yet: only the outcome matters
-                accepted = relay.accept(event)
-                if accepted is None:
-                    continue
-                if isinstance(accepted, ErrorEvent):
-                    raise error_from_event(accepted)
-                finals.append(accepted)
-                break
-        return finals
+        while sub.subscription.pending:
+            now = time.monotonic()
+            if now >= sub.deadline:
+                raise IncompleteGeneration()
+            if now - last_check >= CLIENT_CHECK_S:
+                last_check = now
+                if client_gone():
+                    raise ClientGone()
+            try:
+                event = sub.subscription.next(min(sub.deadline - now, tick_s, CLIENT_CHECK_S))
+            except REDIS_DOWN as exc:
+                raise Unavailable() from exc
+            if event is None:
+                yield None
+                continue
+            if isinstance(event, TokenEvent) and not tokens:
+                continue  # nothing of it reaches this client: only the outcome matters
+            relay = sub.relays.get(event.request_id)
+            accepted = relay.accept(event) if relay is not None else None
+            if accepted is None:
+                continue
+            if isinstance(accepted, ErrorEvent):
+                raise error_from_event(accepted)
+            if isinstance(accepted, FinalEvent):
+                if tokens:
+                    yield from _recovered(relay, accepted)  # type: ignore[arg-type]
+                sub.subscription.ended(accepted.request_id)
+            yield accepted  # type: ignore[misc]
 
-    def cancel(self, sub: Submission) -> None:
-        self.queue.cancel(sub.request_ids)
+    def collect(self, sub: Submission, client_gone: Callable[[], bool] = lambda: False) -> list[FinalEvent]:
+        """Every job's FinalEvent, in submission order."""
+        finals: dict[str, FinalEvent] = {}
+        for event in self.events(sub, client_gone, tokens=False):
+            if isinstance(event, FinalEvent):
+                finals[event.request_id] = event
+        return [finals[rid] for rid in sub.request_ids]
 
     def release(self, sub: Submission) -> None:
         self.hub.unregister(sub.request_ids)
+
+
+def _recovered(relay: Relay, final: FinalEvent) -> Iterator[TokenEvent]:
+    """Token events lost in transit (a dropped subscription), rebuilt from the final event's tokens."""
+    for index in range(relay.last_index + 1, final.index):
+        if index < len(final.tokens):
+            relay.record(index, final.tokens[index].id)
+            yield TokenEvent(final.request_id, final.attempt, index, final.tokens[index])

@@ -12,15 +12,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-import redis
-
-from common.errors import IncompleteGeneration, ServiceError, Unavailable
-from common.schemas import ErrorEvent, FinalEvent, Token, TokenEvent
+from common.errors import ServiceError, Unavailable
+from common.schemas import Event, FinalEvent, Token, TokenEvent
 
 from .responses import dumps, token_dict
-from .service import CLIENT_CHECK_S, Submission, error_from_event
+from .service import ClientGone
 
 log = logging.getLogger(__name__)
 
@@ -50,81 +48,68 @@ def final_event(final: FinalEvent, *, prefix: str, details: bool) -> bytes:
 
 @dataclass
 class StreamHooks:
-    """What the route wants done when the stream ends one way or another."""
-    on_success: Callable[[FinalEvent], None]
+    """What the route wants done when a stream (of either dialect) ends one way or another."""
+    on_success: Callable[[list[FinalEvent]], None]  # every job's final event
     on_failure: Callable[[ServiceError], None]
-    on_dropped: Callable[[], None]  # client went away mid-stream: cancel the job, count `dropped`
+    on_dropped: Callable[[], None]  # client went away mid-stream: cancel the jobs, count `dropped`
     on_close: Callable[[], None]  # always, last
     # polled while no event arrives (e.g. queued behind others): True once the client hung up
     client_gone: Callable[[], bool] = lambda: False
 
 
-def relay_stream(sub: Submission, deadline: float, *, prefix: str, details: bool,
-                 hooks: StreamHooks, keepalive_s: float = KEEPALIVE_S) -> Iterator[bytes]:
-    """The SSE body for one (non-best_of) request whose job is already enqueued."""
-    subscription, relay = sub.subscriptions[0], sub.relays[0]
+def guarded(body: Iterator[bytes], hooks: StreamHooks, on_error: Callable[[ServiceError], bytes]) -> Iterator[bytes]:
+    """Run a stream body with the hooks: a ServiceError becomes the dialect's error event (`on_error`),
+    a client gone (seen by polling, or by the WSGI server closing the generator) counts as dropped."""
     ended = False
     try:
         # An empty first chunk makes the WSGI server send the headers now, as axum does, rather
         # than with the first token (which may be a long queue wait away). It writes no bytes.
         yield b""
-        last_write = last_check = time.monotonic()
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                ended = True
-                hooks.on_failure(IncompleteGeneration())
-                yield error_event(IncompleteGeneration())
-                return
-            try:
-                event = subscription.next(min(deadline - now, CLIENT_CHECK_S,
-                                              max(0.0, keepalive_s - (now - last_write))))
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                log.warning("Redis unreachable mid-stream: %s", exc)
-                ended = True
-                hooks.on_failure(Unavailable())
-                yield error_event(Unavailable())
-                return
-            if event is None:
-                if time.monotonic() - last_check >= CLIENT_CHECK_S:
-                    last_check = time.monotonic()
-                    if hooks.client_gone():  # noticed without waiting for a keep-alive write
-                        ended = True
-                        hooks.on_dropped()
-                        return
-                if time.monotonic() - last_write >= keepalive_s:
-                    yield KEEPALIVE
-                    last_write = time.monotonic()
-                continue
-            accepted = relay.accept(event)
-            if accepted is None:
-                continue
-            if isinstance(accepted, TokenEvent):
-                yield token_event(accepted.token)
-                last_write = time.monotonic()
-            elif isinstance(accepted, ErrorEvent):
-                ended = True
-                error = error_from_event(accepted)
-                hooks.on_failure(error)
-                yield error_event(error)
-                return
-            elif isinstance(accepted, FinalEvent):
-                # Tokens lost in transit (a dropped subscription) are recovered from the final
-                # event when the worker included them.
-                for index in range(relay.last_index + 1, accepted.index):
-                    if index < len(accepted.tokens):
-                        relay.record(index, accepted.tokens[index].id)
-                        yield token_event(accepted.tokens[index])
-                ended = True
-                hooks.on_success(accepted)
-                yield final_event(accepted, prefix=prefix, details=details)
-                return
+        yield from body
+        ended = True
+    except ClientGone:
+        ended = True
+        hooks.on_dropped()
+    except ServiceError as exc:
+        ended = True
+        if isinstance(exc, Unavailable):
+            log.warning("Redis unreachable mid-stream: %s", exc.__cause__)
+        hooks.on_failure(exc)
+        yield on_error(exc)
     except GeneratorExit:
         if not ended:
             hooks.on_dropped()
         raise
     finally:
         hooks.on_close()
+
+
+def keepalives(events: Iterable[Event | None], keepalive_s: float, comment: bytes) -> Iterator[Event | bytes]:
+    """The events, with `comment` put in after `keepalive_s` without anything written."""
+    last_write = time.monotonic()
+    for event in events:
+        if event is None:
+            if time.monotonic() - last_write >= keepalive_s:
+                last_write = time.monotonic()
+                yield comment
+            continue
+        last_write = time.monotonic()
+        yield event
+
+
+def relay_stream(events: Iterable[TokenEvent | FinalEvent | None], *, prefix: str, details: bool,
+                 hooks: StreamHooks, keepalive_s: float = KEEPALIVE_S) -> Iterator[bytes]:
+    """TGI's SSE body for one (non-best_of) request whose job is already enqueued."""
+    def body() -> Iterator[bytes]:
+        for item in keepalives(events, keepalive_s, KEEPALIVE):
+            if isinstance(item, bytes):
+                yield item
+            elif isinstance(item, TokenEvent):
+                yield token_event(item.token)
+            elif isinstance(item, FinalEvent):
+                hooks.on_success([item])
+                yield final_event(item, prefix=prefix, details=details)
+    return guarded(body(), hooks, error_event)
 
 
 def single_error_stream(exc: ServiceError) -> Iterator[bytes]:

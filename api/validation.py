@@ -75,8 +75,12 @@ class Validator:
         self.limits = limits
         self.tokenizer = tokenizer  # None: TGI's "no fast tokenizer" path (length checks skipped)
 
-    def validate(self, request: RawRequest, *, best_of: int = 1) -> ValidRequest:
-        """`Validation::validate` of TGI 0.5.0, checks in its order; raises ValidationError."""
+    def validate(self, request: RawRequest, *, best_of: int = 1,
+                 input_ids: Sequence[int] | None = None) -> ValidRequest:
+        """`Validation::validate` of TGI 0.5.0, checks in its order; raises ValidationError.
+
+        `input_ids`: the prompt already tokenized by the caller (the /v1 routes tokenize a chat
+        template's text without special tokens); by default `request.inputs` is tokenized here."""
         p = request.parameters
         limits = self.limits
         sampling = (p.do_sample or p.temperature is not None or p.top_k is not None
@@ -117,7 +121,7 @@ class Validator:
             raise ValidationError(
                 f"`truncate` must be strictly positive and less than {limits.max_input_length}. "
                 f"Given: {p.truncate}")
-        input_ids = self._input_ids(request.inputs, p.truncate, p.max_new_tokens)
+        input_ids = self._input_ids(request.inputs, p.truncate, p.max_new_tokens, input_ids)
         return ValidRequest(
             inputs=request.inputs, input_ids=input_ids,
             sampling=SamplingParams(do_sample=p.do_sample, temperature=_finite32(temperature), top_k=top_k,
@@ -128,7 +132,16 @@ class Validator:
             best_of=best_of, details=p.details, return_full_text=p.return_full_text,
             seed_given=p.seed is not None)
 
-    def _input_ids(self, inputs: str, truncate: int | None, max_new_tokens: int) -> tuple[int, ...]:
+    def tokenize(self, inputs: str, *, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            return []
+        try:
+            return list(self.tokenizer.encode(inputs, add_special_tokens=add_special_tokens).ids)
+        except Exception as exc:  # the tokenizers library raises plain Exception
+            raise ValidationError(f"tokenizer error {exc}") from exc
+
+    def _input_ids(self, inputs: str, truncate: int | None, max_new_tokens: int,
+                   given: Sequence[int] | None) -> tuple[int, ...]:
         limits = self.limits
         if self.tokenizer is None:
             if (truncate or limits.max_input_length) + max_new_tokens > limits.max_total_tokens:
@@ -136,10 +149,7 @@ class Validator:
                     f"`max_new_tokens` must be <= {limits.max_total_tokens - limits.max_input_length}. "
                     f"Given: {max_new_tokens}")
             return ()
-        try:
-            ids: Sequence[int] = self.tokenizer.encode(inputs, add_special_tokens=True).ids
-        except Exception as exc:  # the tokenizers library raises plain Exception
-            raise ValidationError(f"tokenizer error {exc}") from exc
+        ids: Sequence[int] = self.tokenize(inputs) if given is None else given
         if truncate is not None and truncate < len(ids):
             ids = ids[len(ids) - truncate:]  # keep the last `truncate` tokens (TGI >= 0.6.0 behaviour)
         input_length = len(ids)

@@ -11,22 +11,22 @@ import os
 import sys
 from typing import Sequence
 
-from .settings import (ApiSettings, LimitSettings, ModelSettings, RedisSettings, SettingsError,
-                       WorkerSettings, add_cli_args, from_cli_args)
+from .settings import (ApiSettings, LimitSettings, ModelSettings, RedisSettings, ServedModelsSettings,
+                       SettingsError, WorkerSettings, add_cli_args, from_cli_args)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tgq", description="TGI-compatible text generation over Redis")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="redis (private, unless --redis-url) + one worker + the API")
-    for cls in (ModelSettings, LimitSettings, ApiSettings, WorkerSettings):
+    serve = sub.add_parser("serve", help="redis (private, unless --redis-url) + one worker per model + the API")
+    for cls in (ServedModelsSettings, LimitSettings, ApiSettings, WorkerSettings):
         add_cli_args(serve, cls)
     serve.add_argument("--redis-url", default=None,
                        help="use this Redis instead of starting a private redis-server [env TGQ_REDIS_URL]")
 
     api = sub.add_parser("api", help="the HTTP API under gunicorn (gevent)")
-    for cls in (RedisSettings, ModelSettings, LimitSettings, ApiSettings):
+    for cls in (RedisSettings, ServedModelsSettings, LimitSettings, ApiSettings):
         add_cli_args(api, cls)
 
     worker = sub.add_parser("worker", help="one worker process with the model loaded")
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "api":
             from api.server import run_api
 
-            return run_api(from_cli_args(RedisSettings, args), from_cli_args(ModelSettings, args),
+            return run_api(from_cli_args(RedisSettings, args), from_cli_args(ServedModelsSettings, args),
                            from_cli_args(LimitSettings, args), from_cli_args(ApiSettings, args))
         if args.command == "worker":
             from worker.main import run_worker
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .serve import run_serve
 
             redis_url = args.redis_url or os.environ.get("TGQ_REDIS_URL") or None
-            return run_serve(redis_url, from_cli_args(ModelSettings, args), from_cli_args(LimitSettings, args),
+            return run_serve(redis_url, from_cli_args(ServedModelsSettings, args), from_cli_args(LimitSettings, args),
                              from_cli_args(ApiSettings, args), from_cli_args(WorkerSettings, args))
         if args.command == "bench":
             from bench.client import run_bench

@@ -1,7 +1,7 @@
 """`tgq serve`: everything on one machine for a first try.
 
-Starts a private redis-server on a free port (unless a Redis URL is given), one worker and the
-API as child processes, prints the URL, and stops them all (API first, Redis last) on exit.
+Starts a private redis-server on a free port (unless a Redis URL is given), one worker per served
+model and the API as child processes, prints the URL, and stops them all (API first, Redis last) on exit.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .settings import ApiSettings, LimitSettings, ModelSettings, WorkerSettings, to_cli_args
+from .settings import ApiSettings, LimitSettings, ServedModelsSettings, WorkerSettings, to_cli_args
 
 
 def _free_port() -> int:
@@ -63,9 +63,10 @@ def _wait_healthy(url: str, procs: list[subprocess.Popen], timeout: float) -> bo
     return False
 
 
-def _stop(proc: subprocess.Popen, timeout: float) -> None:
+def _stop(proc: subprocess.Popen, timeout: float, *, signalled: bool = False) -> None:
     if proc.poll() is None:
-        proc.terminate()
+        if not signalled:  # a second SIGTERM would make a worker exit without finishing its batch
+            proc.terminate()
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -73,16 +74,18 @@ def _stop(proc: subprocess.Popen, timeout: float) -> None:
             proc.wait()
 
 
-def run_serve(redis_url: str | None, model: ModelSettings, limits: LimitSettings, api: ApiSettings,
+def run_serve(redis_url: str | None, models: ServedModelsSettings, limits: LimitSettings, api: ApiSettings,
               worker: WorkerSettings) -> int:
     redis_proc = None
     redis_dir = None
     if not redis_url:
         redis_proc, redis_url, redis_dir = start_private_redis()
     base = [sys.executable, "-m", "common.cli"]
-    common_args = ["--redis-url", redis_url] + to_cli_args(model) + to_cli_args(limits)
-    worker_proc = subprocess.Popen(base + ["worker"] + common_args + to_cli_args(worker))
-    api_proc = subprocess.Popen(base + ["api"] + common_args + to_cli_args(api))
+    common_args = ["--redis-url", redis_url] + to_cli_args(limits)
+    worker_procs = [subprocess.Popen(base + ["worker"] + common_args + to_cli_args(m) + to_cli_args(worker))
+                    for m in models.entries()]
+    api_proc = subprocess.Popen(base + ["api"] + common_args + to_cli_args(models) + to_cli_args(api))
+    children = [*worker_procs, api_proc]
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -97,20 +100,23 @@ def run_serve(redis_url: str | None, model: ModelSettings, limits: LimitSettings
           file=sys.stderr, flush=True)
     code = 0
     try:
-        if _wait_healthy(url, [worker_proc, api_proc], timeout=600):
-            print(f"tgq: serving {model.model} at {url}  (Ctrl-C to stop)", flush=True)
+        if _wait_healthy(url, children, timeout=600):
+            print(f"tgq: serving {', '.join(models.model)} at {url}  (Ctrl-C to stop)", flush=True)
         elif not stopping:
             print("tgq: the server did not become healthy", file=sys.stderr)
             code = 1
         while not stopping and code == 0:
-            if worker_proc.poll() is not None or api_proc.poll() is not None:
+            if any(p.poll() is not None for p in children):
                 print("tgq: a child process exited", file=sys.stderr)
                 code = 1
                 break
             time.sleep(0.5)
     finally:
         _stop(api_proc, 35)
-        _stop(worker_proc, worker.grace_period + 5)
+        for proc in worker_procs:
+            proc.terminate()  # all at once: each gets its grace period in parallel
+        for proc in worker_procs:
+            _stop(proc, worker.grace_period + 5, signalled=True)
         if redis_proc is not None:
             _stop(redis_proc, 5)
             shutil.rmtree(redis_dir, ignore_errors=True)

@@ -21,6 +21,20 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+def _many(default: tuple[str, ...], help: str) -> Any:
+    """A repeatable flag (`--model A --model B`); its variable holds a comma-separated list."""
+    return field(default=default, metadata={"help": help, "choices": None, "many": True})
+
+
+class _Append(argparse.Action):
+    """Collects a repeatable flag's values; the first use replaces the default instead of adding to it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        current = getattr(ns, self.dest)
+        setattr(ns, self.dest, (*(() if current is self.default else current), values))
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -44,12 +58,18 @@ def add_cli_args(parser: argparse.ArgumentParser, cls: type, environ: Mapping[st
         flag = f.name.replace("_", "-")
         env_name = ENV_PREFIX + f.name.upper()
         kind = _field_type(f)
+        many = bool(f.metadata.get("many"))
         default = f.default
         if env_name in env:
             raw = env[env_name]
-            default = _parse_bool(raw) if kind is bool else kind(raw)
+            if many:
+                default = tuple(x.strip() for x in raw.split(",") if x.strip())
+            else:
+                default = _parse_bool(raw) if kind is bool else kind(raw)
         help_text = f"{f.metadata.get('help', '')} [env {env_name}; default: {default!r}]"
-        if kind is bool:
+        if many:
+            parser.add_argument(f"--{flag}", dest=f.name, action=_Append, default=default, help=help_text)
+        elif kind is bool:
             parser.add_argument(f"--{flag}", dest=f.name, type=_parse_bool, nargs="?", const=True,
                                 default=default, help=help_text)
         else:
@@ -88,6 +108,30 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
+class ServedModelsSettings:
+    """The models an API (or `tgq serve`) serves; `--model` and `--model-id` pair up by position."""
+    model: tuple[str, ...] = _many(("smollm2",), "a model to serve (repeatable; the first is the default): 'smollm2', "
+                                                 "a local HF model directory or a .gguf file")
+    model_id: tuple[str, ...] = _many((), "the id of the --model at the same position (repeatable); derived from "
+                                          "--model when missing")
+    cache_dir: str = _opt("", "where converted GGUF models are cached; default ~/.cache/tgq")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise SettingsError("at least one `--model` is needed")
+        if len(self.model_id) > len(self.model):
+            raise SettingsError("more `--model-id` than `--model` flags")
+        ids = [i for i in self.model_id if i]
+        if len(set(ids)) != len(ids):
+            raise SettingsError("`--model-id` values must differ")
+
+    def entries(self) -> list[ModelSettings]:
+        """One ModelSettings per served model, in order."""
+        ids = (*self.model_id, *([""] * (len(self.model) - len(self.model_id))))
+        return [ModelSettings(model=m, model_id=i, cache_dir=self.cache_dir) for m, i in zip(self.model, ids)]
+
+
+@dataclass(frozen=True)
 class LimitSettings:
     """TGI 0.5.0's request limits (router flags), enforced by the API and sized for by the worker."""
     max_input_length: int = _opt(1000, "maximum prompt tokens")
@@ -117,12 +161,13 @@ class ApiSettings:
     request_timeout: float = _opt(600.0, "seconds a request may wait for its result before 500")
     graceful_timeout: int = _opt(30, "on SIGTERM: stop accepting, give open requests (streams) "
                                          "this many seconds to finish, then close them")
+    max_n: int = _opt(8, "most choices (`n`) one /v1 request may ask for")
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise SettingsError("`port` must be in 1..65535")
-        if self.workers < 1:
-            raise SettingsError("`workers` must be >= 1")
+        if self.workers < 1 or self.max_n < 1:
+            raise SettingsError("`workers` and `max_n` must be >= 1")
         if self.graceful_timeout < 0 or self.request_timeout <= 0:
             raise SettingsError("`graceful_timeout` must be >= 0 and `request_timeout` > 0")
 
@@ -171,5 +216,7 @@ def to_cli_args(settings: Any) -> list[str]:
     """The flags that rebuild `settings` in a child process (`tgq serve` starts `tgq api`/`tgq worker`)."""
     args: list[str] = []
     for f in dataclasses.fields(settings):
-        args += [f"--{f.name.replace('_', '-')}", str(getattr(settings, f.name))]
+        flag, value = f"--{f.name.replace('_', '-')}", getattr(settings, f.name)
+        for item in (value if f.metadata.get("many") else (value,)):
+            args += [flag, str(item)]
     return args

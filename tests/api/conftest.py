@@ -16,7 +16,7 @@ from rq.serializers import JSONSerializer
 from api.app import AppConfig, create_app
 from common import protocol
 from common.schemas import ErrorEvent, Event, FinalEvent, FinishReason, GenerationJob, PrefillToken, Token, TokenEvent
-from common.settings import ApiSettings, LimitSettings, ModelSettings, RedisSettings
+from common.settings import ApiSettings, LimitSettings, RedisSettings, ServedModelsSettings
 from tests.support.tiny_tokenizer import write_model_dir
 
 LIMITS = LimitSettings(max_input_length=32, max_total_tokens=64, max_best_of=2, max_stop_sequences=4,
@@ -101,13 +101,14 @@ def make_harness(redis_url: str, model_dir: Path) -> Iterator[Callable[..., Harn
              **api_kw: object) -> Harness:
         api_kw.setdefault("request_timeout", 5.0)
         url = redis_url_override or redis_url
-        config = AppConfig(redis=RedisSettings(url), model=ModelSettings(model=str(model_dir)), limits=limits,
+        config = AppConfig(redis=RedisSettings(url), models=ServedModelsSettings(model=(str(model_dir),)), limits=limits,
                            api=ApiSettings(**api_kw), keepalive_s=keepalive_s)  # type: ignore[arg-type]
         app = create_app(config)
         state = app.extensions["tgq"]
         client = redis.Redis.from_url(redis_url)
-        h = Harness(app=app, client=app.test_client(), redis=client, model_id=state.model_id,
-                    queue=Queue(protocol.queue_name(state.model_id), connection=client,
+        model_id = state.models.default.id
+        h = Harness(app=app, client=app.test_client(), redis=client, model_id=model_id,
+                    queue=Queue(protocol.queue_name(model_id), connection=client,
                                 serializer=JSONSerializer))
         made.append(h)
         return h

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = """
 import sys
 from api.server import run_api
-from common.settings import ApiSettings, LimitSettings, ModelSettings, RedisSettings
-sys.exit(run_api(RedisSettings(sys.argv[1]), ModelSettings(model=sys.argv[2]),
+from common.settings import ApiSettings, LimitSettings, RedisSettings, ServedModelsSettings
+sys.exit(run_api(RedisSettings(sys.argv[1]), ServedModelsSettings(model=(sys.argv[2],)),
                  LimitSettings(max_input_length=32, max_total_tokens=64, max_queue_length=8),
                  ApiSettings(host="127.0.0.1", port=int(sys.argv[3]), workers=2, request_timeout=10)))
 """
