@@ -18,7 +18,7 @@ from common.errors import Unauthorized
 from common.redis_client import connect
 from common.settings import ApiSettings, LimitSettings, RedisSettings, ServedModelsSettings
 
-from . import docs, playground, routes
+from . import docs, playground, routes, tgi3, v1
 from .errors import register_error_handlers
 from .metrics import Metrics
 from .models import ModelRegistry, ServedModel
@@ -30,7 +30,7 @@ from .state import TgqState
 
 CORS_METHODS = "GET,POST"
 # What `--api-key` guards: every route that generates, tokenizes or lists models.
-GUARDED_ENDPOINTS = routes.GENERATION_ENDPOINTS
+GUARDED_ENDPOINTS = routes.GENERATION_ENDPOINTS | tgi3.GUARDED_ENDPOINTS | v1.GUARDED_ENDPOINTS
 CORS_VARY = "origin, access-control-request-method, access-control-request-headers"
 
 
@@ -69,6 +69,8 @@ def create_app(config: AppConfig, *, redis_client: redis.Redis | None = None) ->
     app.extensions["tgq"] = state
 
     app.register_blueprint(routes.bp)
+    app.register_blueprint(tgi3.bp)
+    app.register_blueprint(v1.bp)
     app.register_blueprint(docs.bp)
     app.register_blueprint(playground.bp)
     register_error_handlers(app, api.max_body_bytes)

@@ -1,21 +1,24 @@
-"""HTTP error bodies: TGI's JSON envelope for service errors, axum's plain text for the rest."""
+"""HTTP error bodies: TGI's JSON envelope for service errors, axum's plain text for the rest; on
+the /v1 routes (blueprint `v1`) OpenAI's envelope for everything (`api.v1.errors`)."""
 from __future__ import annotations
 
 import logging
 
 import orjson
 import redis
-from flask import Flask, Response
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
 from common.errors import ServiceError, Unavailable
 
 from .parsing import Rejection
+from .v1 import errors as v1_errors
 
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
+V1_BLUEPRINT = "v1"
 
 
 class PayloadTooLarge(ServiceError):
@@ -42,6 +45,8 @@ def error_body(exc: ServiceError) -> bytes:
 
 
 def error_response(exc: ServiceError) -> Response:
+    if request and request.blueprint == V1_BLUEPRINT:
+        return v1_errors.error_response(exc)
     return Response(error_body(exc), status=exc.status_code, content_type=JSON)
 
 
@@ -56,6 +61,8 @@ def register_error_handlers(app: Flask, max_body_bytes: int) -> None:
 
     @app.errorhandler(Rejection)
     def _rejection(exc: Rejection) -> Response:
+        if request.blueprint == V1_BLUEPRINT:
+            return v1_errors.error_response(v1_errors.InvalidRequest(exc.text))
         return plain_response(exc.status, exc.text)
 
     # The one boundary where a Redis outage becomes a clean 503 (never a traceback).

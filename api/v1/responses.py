@@ -1,0 +1,123 @@
+"""OpenAI response bodies and stream chunks built from worker events (pure, no Flask).
+
+Chat content and completion text leave special tokens out (the non-stream text is the worker's
+decode with `skip_special_tokens`, and the stream's pieces are the same tokens' texts), so the
+joined stream deltas equal the non-stream content. `finish_reason` is OpenAI's: `stop` for EOS or
+a stop string, `length` for `max_tokens`.
+"""
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import orjson
+
+from common.schemas import FinalEvent, FinishReason, Token
+
+from ..responses import f32_logprob
+
+FINGERPRINT = "tgq-0.1.0"
+NO_LOGPROB = -9999.0  # OpenAI's value for a logprob that is not a finite number
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(obj: Any) -> bytes:
+    """OpenAI's framing: `data: ` (with the space TGI 3 writes on these routes) + compact JSON."""
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def finish_reason(final: FinalEvent) -> str:
+    return "length" if final.finish_reason is FinishReason.LENGTH else "stop"
+
+
+def piece(token: Token) -> str:
+    """What a token adds to the content: its text, or nothing for a special token (EOS, ...)."""
+    return "" if token.special else token.text
+
+
+def _logprob(x: float) -> float:
+    value = f32_logprob(x)
+    return NO_LOGPROB if value is None or not math.isfinite(value) else value
+
+
+def _entry(token: Token) -> dict[str, Any]:
+    return {"token": token.text, "logprob": _logprob(token.logprob), "bytes": list(token.text.encode())}
+
+
+def chat_logprobs(tokens: Sequence[Token]) -> dict[str, Any]:
+    """`choices[i].logprobs` of a chat answer: one entry per content token with its alternatives."""
+    return {"content": [{**_entry(t), "top_logprobs": [_entry(a) for a in t.top]} for t in tokens if not t.special]}
+
+
+def completion_logprobs(tokens: Sequence[Token], offset: int = 0) -> dict[str, Any]:
+    """The legacy completions `logprobs` object; `offset` is the text length before these tokens."""
+    shown = [t for t in tokens if not t.special]
+    offsets = []
+    for t in shown:
+        offsets.append(offset)
+        offset += len(t.text)
+    return {"tokens": [t.text for t in shown], "token_logprobs": [_logprob(t.logprob) for t in shown],
+            "top_logprobs": [{a.text: _logprob(a.logprob) for a in t.top} for t in shown],
+            "text_offset": offsets}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+@dataclass
+class Envelope:
+    """The fields every body and chunk of one response shares."""
+    chat: bool
+    model: str
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.id = self.id or f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+    def head(self, kind: str) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "system_fingerprint": FINGERPRINT}
+
+    # non-stream ---------------------------------------------------------------------------
+
+    def body(self, finals: Sequence[FinalEvent], prompt_tokens: int, logprobs: bool) -> dict[str, Any]:
+        choices = [self._choice(i, f, logprobs) for i, f in enumerate(finals)]
+        return {**self.head("chat.completion" if self.chat else "text_completion"), "choices": choices,
+                "usage": usage(prompt_tokens, sum(f.generated_tokens for f in finals))}
+
+    def _choice(self, index: int, final: FinalEvent, logprobs: bool) -> dict[str, Any]:
+        if self.chat:
+            return {"index": index, "message": {"role": "assistant", "content": final.generated_text},
+                    "logprobs": chat_logprobs(final.tokens) if logprobs else None,
+                    "finish_reason": finish_reason(final)}
+        return {"index": index, "text": final.generated_text,
+                "logprobs": completion_logprobs(final.tokens) if logprobs else None,
+                "finish_reason": finish_reason(final)}
+
+    # stream -------------------------------------------------------------------------------
+
+    def chunk(self, index: int, token: Token | None, *, role: bool = False, logprobs: bool = False,
+              offset: int = 0, reason: str | None = None, with_usage: bool = False) -> bytes:
+        """One choice's chunk: a token's piece (None: no content), the role for a chat's first chunk."""
+        text = piece(token) if token is not None else ""
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": text} if role else {"content": text}
+            lp = chat_logprobs([token]) if logprobs and token is not None else None
+            choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+        else:
+            lp = completion_logprobs([token], offset) if logprobs and token is not None else None
+            choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
+        out = {**self.head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
+        if with_usage:
+            out["usage"] = None  # OpenAI: every chunk carries the field; only the last has the figures
+        return sse(out)
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        return sse({**self.head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
+                    "usage": usage(prompt_tokens, completion_tokens)})

@@ -1,0 +1,123 @@
+"""The /v1 routes: read an OpenAI body, route it to a served model, submit, answer in OpenAI's format.
+
+Check order: body (400) -> model (404) -> chat template (400) -> 429 against the model's queue ->
+/generate's validation (400) -> subscribe + enqueue -> wait or stream.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterable, Iterator
+
+import orjson
+from flask import Blueprint, Response, request
+
+from common.schemas import FinalEvent, TokenEvent
+
+from ..chat_template import TemplateError
+from ..handlers import count_successes, failures_counted, state, stream_hooks, wait_finals
+from ..models import ServedModel
+from ..service import Submission
+from ..state import TgqState
+from ..streaming import StreamHooks, guarded, keepalives
+from .errors import InvalidRequest, openai_error
+from .requests import Planned, V1Request, chat_request, completion_request, load_body, plan
+from .responses import DONE, Envelope, finish_reason, piece, sse
+
+bp = Blueprint("v1", __name__)
+
+GUARDED_ENDPOINTS = frozenset({"v1.chat_completions", "v1.completions", "v1.models"})
+JSON = "application/json"
+SSE_TYPE = "text/event-stream"
+KEEPALIVE = b": keep-alive\n\n"
+
+
+@bp.post("/v1/chat/completions")
+def chat_completions() -> Response:
+    st = state()
+    req = chat_request(load_body(request.get_data(cache=False)), st.api.max_n)
+    model = st.models.route(req.model)
+    return _serve(st, model, dataclasses.replace(req, prompts=[render_chat(model, req.messages or [])]), chat=True)
+
+
+@bp.post("/v1/completions")
+def completions() -> Response:
+    st = state()
+    req = completion_request(load_body(request.get_data(cache=False)), st.api.max_n)
+    return _serve(st, st.models.route(req.model), req, chat=False)
+
+
+@bp.get("/v1/models")
+def models() -> Response:
+    st = state()
+    data = [{"id": m.id, "object": "model", "created": m.created, "owned_by": "tgq", "workers": m.live_workers()}
+            for m in st.models.models]
+    return Response(orjson.dumps({"object": "list", "data": data}), content_type=JSON)
+
+
+def render_chat(model: ServedModel, messages: list[dict]) -> str:
+    """The model's chat template applied to the messages; 400 without a template or when it raises."""
+    if model.template is None:
+        raise InvalidRequest(f"Template error: the model `{model.id}` has no chat template", "messages")
+    try:
+        return model.template.render(messages)
+    except TemplateError as exc:
+        raise InvalidRequest(f"Template error: {exc}", "messages") from None
+
+
+def _serve(st: TgqState, model: ServedModel, req: V1Request, *, chat: bool) -> Response:
+    start = time.time()
+    st.metrics.request_count.inc()
+    with failures_counted(st):
+        model.admit(req.sampling.n * len(req.prompts))
+        planned = plan(model, req)
+        for spec in planned.specs:
+            st.metrics.validated(len(spec.input_ids), spec.stopping.max_new_tokens, len(spec.seeds))
+        sub = st.service.submit(model.queue, planned.specs)
+    envelope = Envelope(chat=chat, model=model.id)
+    logprobs = req.sampling.top_logprobs is not None
+    if req.stream:
+        hooks = stream_hooks(st, model, sub, start)
+        events = st.service.events(sub, hooks.client_gone, tick_s=st.keepalive_s)
+        body = _stream(events, sub, envelope, planned, hooks, keepalive_s=st.keepalive_s, logprobs=logprobs,
+                       include_usage=req.include_usage)
+        return Response(body, status=200, content_type=SSE_TYPE,
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    finals = wait_finals(st, model, sub)
+    if finals is None:
+        return Response(b"", status=499)  # the client went away: nobody reads it
+    count_successes(st, sub, finals, start)
+    return Response(orjson.dumps(envelope.body(finals, planned.prompt_tokens, logprobs)), content_type=JSON)
+
+
+def _stream(events: Iterable[TokenEvent | FinalEvent | None], sub: Submission, envelope: Envelope,
+            planned: Planned, hooks: StreamHooks, *, keepalive_s: float, logprobs: bool,
+            include_usage: bool) -> Iterator[bytes]:
+    """OpenAI's chunks: per choice the role first (chat), one chunk per token, `finish_reason` on the
+    last token's chunk; then the usage chunk when asked for, then `data: [DONE]`."""
+    def body() -> Iterator[bytes]:
+        started: set[int] = set()
+        offsets = [0] * len(sub.jobs)  # text already sent per choice (completions' text_offset)
+        finals: list[FinalEvent] = []
+        for item in keepalives(events, keepalive_s, KEEPALIVE):
+            if isinstance(item, bytes):
+                yield item
+                continue
+            if item is None:
+                continue
+            i = sub.choice(item)
+            if envelope.chat and i not in started:
+                started.add(i)
+                yield envelope.chunk(i, None, role=True, with_usage=include_usage)
+            reason = finish_reason(item) if isinstance(item, FinalEvent) else None
+            yield envelope.chunk(i, item.token, logprobs=logprobs, offset=offsets[i], reason=reason,
+                                 with_usage=include_usage)
+            offsets[i] += len(piece(item.token))
+            if isinstance(item, FinalEvent):
+                finals.append(item)
+        hooks.on_success(finals)
+        if include_usage:
+            yield envelope.usage_chunk(planned.prompt_tokens, sum(f.generated_tokens for f in finals))
+        yield DONE
+
+    return guarded(body(), hooks, lambda exc: sse(openai_error(exc)[1]) + DONE)
