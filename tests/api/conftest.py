@@ -98,10 +98,11 @@ def make_harness(redis_url: str, model_dir: Path) -> Iterator[Callable[..., Harn
     made: list[Harness] = []
 
     def make(limits: LimitSettings = LIMITS, redis_url_override: str | None = None, keepalive_s: float = 15.0,
-             **api_kw: object) -> Harness:
+             models: tuple[str, ...] | None = None, model_ids: tuple[str, ...] = (), **api_kw: object) -> Harness:
         api_kw.setdefault("request_timeout", 5.0)
         url = redis_url_override or redis_url
-        config = AppConfig(redis=RedisSettings(url), models=ServedModelsSettings(model=(str(model_dir),)), limits=limits,
+        served = ServedModelsSettings(model=models or (str(model_dir),), model_id=model_ids)
+        config = AppConfig(redis=RedisSettings(url), models=served, limits=limits,
                            api=ApiSettings(**api_kw), keepalive_s=keepalive_s)  # type: ignore[arg-type]
         app = create_app(config)
         state = app.extensions["tgq"]
