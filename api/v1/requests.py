@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from common.errors import ValidationError
 from common.schemas import SamplingParams
 
 from ..models import ServedModel
@@ -220,7 +222,10 @@ def plan(model: ServedModel, request: V1Request) -> Planned:
             do_sample=not greedy, temperature=None if greedy else s.temperature,
             top_p=None if s.top_p is None or s.top_p >= 1.0 else s.top_p,
             max_new_tokens=max_new, stop=s.stop, seed=s.seed))
-        valid = model.validator.validate(raw, input_ids=ids)
+        try:
+            valid = model.validator.validate(raw, input_ids=ids)
+        except ValidationError as exc:  # /generate's rule and message; `param` in OpenAI's names
+            raise InvalidRequest(exc.message, _param(exc.detail, request)) from None
         sampling: SamplingParams = dataclasses.replace(
             valid.sampling, frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
             top_n_tokens=s.top_logprobs or 0)

@@ -236,13 +236,16 @@ def test_invalid_chat_requests_are_400(chat: Harness, body: dict[str, Any], para
 def test_generate_rules_apply_with_tgi_messages(chat: Harness) -> None:
     resp = post(chat, "/v1/chat/completions", {"messages": USER, "max_tokens": LIMITS.max_total_tokens})
     assert resp.status_code == 400
+    assert error_of(resp)["param"] == "max_tokens"
     assert error_of(resp)["message"] == (
         f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {LIMITS.max_total_tokens}. "
         f"Given: 7 `inputs` tokens and {LIMITS.max_total_tokens} `max_new_tokens`")
     resp = post(chat, "/v1/chat/completions", {"messages": USER, "stop": ["a", "b", "c", "d", "e"]})
     assert error_of(resp)["message"] == "Input validation error: `stop` supports up to 4 stop sequences. Given: 5"
+    assert error_of(resp)["param"] == "stop"
     resp = post(chat, "/v1/completions", {"prompt": "", "max_tokens": 2})
     assert error_of(resp)["message"] == "Input validation error: `inputs` cannot be empty"
+    assert error_of(resp)["param"] == "prompt"
 
 
 def test_malformed_bodies_are_400_in_openai_shape(chat: Harness) -> None:
