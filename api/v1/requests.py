@@ -210,7 +210,7 @@ def completion_request(body: dict[str, Any], max_n: int) -> V1Request:
 # --- mapping onto /generate's rules ------------------------------------------------------------
 
 def plan(model: ServedModel, request: V1Request) -> Planned:
-    """Validate each prompt with /generate's rules and limits (TGI's messages); raise ValidationError."""
+    """Validate each prompt with /generate's rules and limits (TGI's messages); raise InvalidRequest."""
     s = request.sampling
     greedy = s.temperature == 0.0
     specs = []
@@ -229,10 +229,27 @@ def plan(model: ServedModel, request: V1Request) -> Planned:
         sampling: SamplingParams = dataclasses.replace(
             valid.sampling, frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
             top_n_tokens=s.top_logprobs or 0)
-        base = s.seed if s.seed is not None else None
-        seeds = tuple((base + i) % U64 if base is not None else random_seed() for i in range(s.n))
-        specs.append(JobSpec(input_ids=valid.input_ids, sampling=sampling, stopping=valid.stopping, seeds=seeds,
-                             want_tokens=s.top_logprobs is not None))
+        specs.append(JobSpec(input_ids=valid.input_ids, sampling=sampling, stopping=valid.stopping,
+                             seeds=_seeds(s.n, s.seed), want_tokens=s.top_logprobs is not None))
     return Planned(specs=specs, n=s.n)
+
+
+def _seeds(n: int, seed: int | None) -> tuple[int, ...]:
+    """Choice i samples with seed + i when the client gave a seed, else with its own random seed."""
+    return tuple((seed + i) % U64 if seed is not None else random_seed() for i in range(n))
+
+
+def _param(detail: str, request: V1Request) -> str | None:
+    """The OpenAI field a /generate validation message is about: `max_new_tokens` (what a client
+    can lower) when it is named, else the first `name` in the message."""
+    if "`max_new_tokens`" in detail:
+        return "max_tokens"
+    match = re.search(r"`(\w+)`", detail)
+    if match is None:
+        return None
+    name = match.group(1)
+    if name in ("inputs", "truncate"):
+        return "prompt" if request.messages is None else "messages"
+    return name
 
 
