@@ -51,3 +51,16 @@ def test_official_client_on_real_model(smollm2):
     assert "Paris" in client.generate("The capital of France is", max_new_tokens=8).generated_text
     text = "".join(r.token.text for r in client.generate_stream("The capital of France is", max_new_tokens=8))
     assert "Paris" in text
+
+
+def test_openai_chat_on_real_model(smollm2):
+    resp = requests.post(smollm2 + "/v1/chat/completions", timeout=120, json={
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "temperature": 0, "max_tokens": 30})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert "Paris" in choice["message"]["content"], choice
+    assert choice["finish_reason"] in ("stop", "length")
+    assert 0 < body["usage"]["completion_tokens"] <= 30
