@@ -42,11 +42,12 @@ class Row:
         return self.ids[self.prompt_len:]
 
     def accept(self, token_id: int, logprob: float, special_ids: frozenset[int],
-               decode_final: Callable[[list[int]], str]) -> TokenEvent | FinalEvent:
-        """Record one generated token; returns its event (a FinalEvent when the row is done)."""
+               decode_final: Callable[[list[int]], str], top: tuple[Token, ...] = ()) -> TokenEvent | FinalEvent:
+        """Record one generated token (with its alternatives, if the job asked); returns its event (a
+        FinalEvent when the row is done)."""
         self.ids.append(token_id)
         text = self.detok.step(self.ids)
-        token = Token(id=token_id, text=text, logprob=logprob, special=token_id in special_ids)
+        token = Token(id=token_id, text=text, logprob=logprob, special=token_id in special_ids, top=top)
         self.tokens.append(token)
         index = len(self.ids) - self.prompt_len - 1
         done, reason = self.stopping(token_id, text)
@@ -97,6 +98,27 @@ def build_seen(rows: Sequence[Row], vocab_size: int, device: torch.device) -> to
     return seen
 
 
+def build_counts(rows: Sequence[Row], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[B, V] float: how many times each row generated each id (OpenAI's penalties; the prompt does not count)."""
+    return torch.stack([torch.bincount(torch.tensor(row.generated, dtype=torch.long), minlength=vocab_size)
+                        for row in rows]).to(device=device, dtype=torch.float32)
+
+
+def _kept(history: torch.Tensor | None, needed: bool, rows: int,
+          build: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """A per-row history tensor after the rows changed: dropped when no row needs it, rebuilt when it
+    does not cover the rows (a side of a merge had none)."""
+    if not needed:
+        return None
+    if history is None or history.shape[0] != rows:
+        return build()
+    return history
+
+
+def _merged(ours: torch.Tensor | None, theirs: torch.Tensor | None) -> torch.Tensor | None:
+    return torch.cat([ours, theirs]) if ours is not None and theirs is not None else None
+
+
 @dataclass
 class Batch:
     """Rows decoded together. `filter` and `concatenate` mutate it in place and return None."""
@@ -108,7 +130,8 @@ class Batch:
     vocab_size: int
     device: torch.device
     sampling: SamplingBatch = field(init=False)
-    seen: torch.Tensor | None = None
+    seen: torch.Tensor | None = None  # build_seen's, while a row has a repetition penalty
+    counts: torch.Tensor | None = None  # build_counts', while a row has a frequency or presence penalty
 
     def __post_init__(self) -> None:
         self._refresh()
@@ -120,10 +143,11 @@ class Batch:
         """Rebuild the per-row parameter tensors after the rows changed."""
         self.sampling = SamplingBatch.build([r.job.sampling for r in self.rows],
                                             [r.generator for r in self.rows], self.device)
-        if not self.sampling.needs_seen:
-            self.seen = None
-        elif self.seen is None or self.seen.shape[0] != len(self.rows):
-            self.seen = build_seen(self.rows, self.vocab_size, self.device)
+        n = len(self.rows)
+        self.seen = _kept(self.seen, self.sampling.needs_seen, n,
+                          lambda: build_seen(self.rows, self.vocab_size, self.device))
+        self.counts = _kept(self.counts, self.sampling.needs_counts, n,
+                            lambda: build_counts(self.rows, self.vocab_size, self.device))
 
     def decode_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Extend the mask by the incoming column; returns input_ids [B,1], 4D mask, position_ids [B,1]."""
@@ -138,8 +162,12 @@ class Batch:
         self.note_seen(next_ids)
 
     def note_seen(self, ids: torch.Tensor) -> None:
+        """Each row generated ids[row]: the penalties' history learns it."""
+        rows = torch.arange(len(self.rows), device=self.device)
         if self.seen is not None:
-            self.seen[torch.arange(len(self.rows), device=self.device), ids] = True
+            self.seen[rows, ids] = True
+        if self.counts is not None:
+            self.counts[rows, ids] += 1
 
     def filter(self, keep: Sequence[int]) -> None:
         """Keep only rows `keep` (order not preserved) and drop padding columns no remaining row needs."""
@@ -163,6 +191,8 @@ class Batch:
         self.last_ids = self.last_ids[index]
         if self.seen is not None:
             self.seen = self.seen[index]
+        if self.counts is not None:
+            self.counts = self.counts[index]
         self.rows = [self.rows[i] for i in order]
         self._refresh()
 
@@ -173,10 +203,8 @@ class Batch:
         self.mask = torch.cat([_left_pad(self.mask, length), _left_pad(other.mask, length)], dim=0)
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
         self.last_ids = torch.cat([self.last_ids, other.last_ids])
-        if self.seen is not None and other.seen is not None:
-            self.seen = torch.cat([self.seen, other.seen])
-        else:
-            self.seen = None
+        self.seen = _merged(self.seen, other.seen)
+        self.counts = _merged(self.counts, other.counts)
         self.rows = self.rows + other.rows
         self._refresh()
 

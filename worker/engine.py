@@ -15,12 +15,13 @@ import torch
 from common.schemas import ErrorEvent, Event, FinalEvent, GenerationJob
 from common.settings import LimitSettings, WorkerSettings
 
+from .alternatives import Alternatives
 from .batch import Batch, Row, new_rows
 from .detokenize import make_decoder
 from .metrics import EngineMetrics
 from .model import LoadedModel, forward
 from .prefill import PendingPrefill
-from .sampling import choose, make_generator
+from .sampling import Choice, choose, make_generator
 from .scheduler import Budget, Entry, Scheduler, prefill_groups
 from .watermark import Watermark
 
@@ -69,6 +70,7 @@ class Engine:
         self.watermark = Watermark(loaded_model.vocab_size, loaded_model.device)
         tokenizer = loaded_model.tokenizer
         self._decode = make_decoder(tokenizer)
+        self._decode_one: Callable[[int], str] = lambda t: self._decode([t])  # a lone id's text (prefill, top)
         self._decode_final: Callable[[list[int]], str] = (
             lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
         self._num_layers = int(loaded_model.model.config.num_hidden_layers)
@@ -203,14 +205,14 @@ class Engine:
         rows, inputs = group.rows, group.inputs
         for i, row in enumerate(rows):
             if row.job.want_prefill:
-                row.prefill = group.prefill_details(i, lambda t: self._decode([t]))
+                row.prefill = group.prefill_details(i, self._decode_one)
         batch = Batch(rows=rows, cache=group.cache, mask=inputs.mask, next_pos=inputs.mask.sum(dim=1),
                       last_ids=torch.zeros(len(rows), dtype=torch.long, device=self.loaded.device),
                       vocab_size=self.loaded.vocab_size, device=self.loaded.device)
-        ids, logprobs = self._choose(logits, batch)
-        batch.last_ids = ids
-        batch.note_seen(ids)
-        self._emit(batch, ids, logprobs, events)
+        choice = self._choose(logits, batch)
+        batch.last_ids = choice.ids
+        batch.note_seen(choice.ids)
+        self._emit(batch, choice, events)
         return batch
 
     def _join(self, newcomers: Batch, leaving: Leaving) -> None:
@@ -235,9 +237,9 @@ class Engine:
         try:
             input_ids, mask, positions = batch.decode_inputs()
             out = forward(self.loaded, input_ids, mask, positions, batch.cache, logits_to_keep=1)
-            ids, logprobs = self._choose(out.logits[:, -1, :], batch)
-            batch.advance(ids)
-            self._emit(batch, ids, logprobs, events)
+            choice = self._choose(out.logits[:, -1, :], batch)
+            batch.advance(choice.ids)
+            self._emit(batch, choice, events)
         except Exception as exc:  # the error boundary: fail the whole batch, keep serving
             self.batch = None
             self._fail(batch.rows, exc, "decode", time.perf_counter() - t0, events, leaving)
@@ -246,19 +248,23 @@ class Engine:
         self.scheduler.on_step()
         self._collect_finished(batch, leaving)
 
-    def _choose(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's next id and its logprob, from its last position's logits [n, V] (model dtype)."""
-        if self._greedy is not None and batch.sampling.plain_greedy:
-            return self._greedy(logits)
-        return choose(logits.float(), batch.sampling, batch.seen, [r.ids[-1] for r in batch.rows], self.watermark)
+    def _choose(self, logits: torch.Tensor, batch: Batch) -> Choice:
+        """Each row's next id, logprob and any alternatives, from its last position's logits [n, V] (model dtype)."""
+        sb = batch.sampling
+        if self._greedy is not None and sb.plain_greedy:
+            ids, logprobs = self._greedy(logits)
+            return Choice(ids, logprobs, Alternatives.of_logits(logits, sb.params))
+        return choose(logits.float(), sb, batch.seen, batch.counts, [r.ids[-1] for r in batch.rows], self.watermark)
 
-    def _emit(self, batch: Batch, ids: torch.Tensor, logprobs: torch.Tensor, events: list[Event]) -> None:
-        """Turn the chosen ids into per-row events (one host transfer for the whole batch)."""
-        pairs = torch.stack([ids.double(), logprobs.double()]).tolist()
+    def _emit(self, batch: Batch, choice: Choice, events: list[Event]) -> None:
+        """Turn the chosen ids into per-row events (one host transfer for the whole batch, one more for
+        the alternatives of the rows that ask)."""
+        pairs = torch.stack([choice.ids.double(), choice.logprobs.double()]).tolist()
         special = self.loaded.special_ids
-        for row, token_id, logprob in zip(batch.rows, pairs[0], pairs[1]):
+        top = choice.top.tokens(self._decode_one, special) if choice.top is not None else {}
+        for i, (row, token_id, logprob) in enumerate(zip(batch.rows, pairs[0], pairs[1])):
             if not row.cancelled:  # cancelled while its prefill ran: it leaves without another event
-                events.append(row.accept(int(token_id), float(logprob), special, self._decode_final))
+                events.append(row.accept(int(token_id), float(logprob), special, self._decode_final, top.get(i, ())))
 
     def _fail(self, rows: Sequence[Row], exc: Exception, method: str, seconds: float,
               events: list[Event], leaving: Leaving) -> None:

@@ -1,14 +1,17 @@
 """TGI's logits processing (§9.1), vectorised over a batch with per-row parameters, and the token choice.
 
-Order: watermark, repetition penalty, temperature, top-k, top-p, typical-p. The reported logprob is
-log_softmax of the processed scores at the chosen id. Greedy rows take the argmax; sampling rows draw
-by inverse CDF with one uniform from their own seeded generator, so no row's draw depends on others.
+Order: watermark, repetition penalty, OpenAI's frequency/presence penalties, temperature, top-k,
+top-p, typical-p. The reported logprob is log_softmax of the processed scores at the chosen id, and
+rows that ask for `top_n_tokens` alternatives get theirs from that same log_softmax. Greedy rows
+take the argmax; sampling rows draw by inverse CDF with one uniform from their own seeded generator,
+so no row's draw depends on others.
 
 Rows with top-k or top-p never touch the full vocabulary after one partial top-k: their support lies
-in their best `candidates` ids (or top_k, if larger), where every later warper and the draw run
-exactly. A top-p row whose nucleus does not fit in them, and typical-p-only rows, take the dense path
-(`warpers.py`, which sorts the full vocabulary only when its own candidates do not suffice). Whether a
-row takes which path depends on that row alone, so its draws never depend on its neighbours.
+in their best `candidates` ids (or top_k or top_n_tokens, if larger), where every later warper and
+the draw run exactly. A top-p row whose nucleus does not fit in them, and typical-p-only rows, take
+the dense path (`warpers.py`, which sorts the full vocabulary only when its own candidates do not
+suffice). Whether a row takes which path depends on that row alone, so its draws never depend on its
+neighbours.
 """
 from __future__ import annotations
 
@@ -19,7 +22,9 @@ import torch
 
 from common.schemas import SamplingParams
 
-from .warpers import CANDIDATES, NEG_INF, repetition_penalty, top_k_filter, top_p_filter, typical_filter
+from .alternatives import Alternatives
+from .warpers import (CANDIDATES, NEG_INF, openai_penalties, repetition_penalty, top_k_filter, top_p_filter,
+                      typical_filter)
 from .watermark import Watermark
 
 U32 = 0xFFFF_FFFF
@@ -47,8 +52,11 @@ class SamplingBatch:
     generators: list[torch.Generator | None]
     temperature: torch.Tensor  # [B, 1]
     penalty: torch.Tensor  # [B, 1]
+    frequency: torch.Tensor  # [B, 1] OpenAI's frequency penalty
+    presence: torch.Tensor  # [B, 1] OpenAI's presence penalty
     watermark_rows: list[int]
     penalty_rows: list[int]
+    openai_rows: list[int]  # rows with a frequency or presence penalty
     candidate_rows: list[int]  # rows with top-k or top-p: warped and drawn among candidates
     plain_greedy: bool  # every row takes the argmax of the raw logits (no penalty, watermark or warper)
 
@@ -57,41 +65,56 @@ class SamplingBatch:
               device: torch.device | str) -> SamplingBatch:
         params = list(params)
         rows = range(len(params))
+
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor([[v] for v in values], dtype=torch.float32, device=device)
+
+        openai_rows = [i for i in rows if params[i].frequency_penalty != 0.0 or params[i].presence_penalty != 0.0]
         return cls(
             params=params, generators=list(generators),
-            temperature=torch.tensor([[p.temperature] for p in params], dtype=torch.float32, device=device),
-            penalty=torch.tensor([[p.repetition_penalty] for p in params], dtype=torch.float32, device=device),
+            temperature=column([p.temperature for p in params]),
+            penalty=column([p.repetition_penalty for p in params]),
+            frequency=column([p.frequency_penalty for p in params]),
+            presence=column([p.presence_penalty for p in params]),
             watermark_rows=[i for i in rows if params[i].watermark],
             penalty_rows=[i for i in rows if params[i].repetition_penalty != 1.0],
+            openai_rows=openai_rows,
             candidate_rows=[i for i in rows if params[i].top_k != 0 or params[i].top_p < 1.0],
-            plain_greedy=all(not p.sampling and p.repetition_penalty == 1.0 and not p.watermark for p in params),
+            plain_greedy=not openai_rows and all(not p.sampling and p.repetition_penalty == 1.0 and not p.watermark
+                                                 for p in params),
         )
 
     @property
     def needs_seen(self) -> bool:
         return bool(self.penalty_rows)
 
+    @property
+    def needs_counts(self) -> bool:
+        return bool(self.openai_rows)
+
 
 def _on_rows(scores: torch.Tensor, rows: list[int], fn, *args) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """Apply a filter to a subset of rows only (the others keep their scores)."""
+    """Apply a filter to a subset of rows only (the others keep their scores).
+
+    Tensor arguments are per batch row and get the same rows; other arguments go through as they are."""
     if len(rows) == scores.shape[0]:
         return fn(scores, *args)
     index = torch.tensor(rows, dtype=torch.long, device=scores.device)
-    scores[index] = fn(scores[index], *args)
+    scores[index] = fn(scores[index], *(a[index] if isinstance(a, torch.Tensor) else a for a in args))
     return scores
 
 
-def pre_process(scores: torch.Tensor, sb: SamplingBatch, seen: torch.Tensor | None,
+def pre_process(scores: torch.Tensor, sb: SamplingBatch, seen: torch.Tensor | None, counts: torch.Tensor | None,
                 prev_ids: Sequence[int], watermark: Watermark | None) -> torch.Tensor:
-    """The stages that may apply to greedy rows too: watermark, then repetition penalty."""
+    """The stages that may apply to greedy rows too: watermark, repetition penalty, OpenAI's penalties.
+
+    `seen` [B, V] marks the ids of each row's prompt and output, `counts` [B, V] counts its generated ids."""
     if sb.watermark_rows and watermark is not None:
         scores = watermark.apply(scores, sb.watermark_rows, [prev_ids[i] for i in sb.watermark_rows])
     if sb.penalty_rows and seen is not None:
-        rows = sb.penalty_rows
-        if len(rows) == scores.shape[0]:
-            return repetition_penalty(scores, seen, sb.penalty)
-        index = torch.tensor(rows, dtype=torch.long, device=scores.device)
-        scores[index] = repetition_penalty(scores[index], seen[index], sb.penalty[index])
+        scores = _on_rows(scores, sb.penalty_rows, repetition_penalty, seen, sb.penalty)
+    if sb.openai_rows and counts is not None:
+        scores = _on_rows(scores, sb.openai_rows, openai_penalties, counts, sb.frequency, sb.presence)
     return scores
 
 
@@ -113,11 +136,10 @@ def warp_dense(scores: torch.Tensor, params: Sequence[SamplingParams], temperatu
     return scores
 
 
-def process(scores: torch.Tensor, sb: SamplingBatch, seen: torch.Tensor | None,
-            prev_ids: Sequence[int], watermark: Watermark | None,
-            candidates: int = CANDIDATES) -> torch.Tensor:
-    """All of TGI's processors on dense fp32 `scores` [B, V] (may modify it in place)."""
-    scores = pre_process(scores, sb, seen, prev_ids, watermark)
+def process(scores: torch.Tensor, sb: SamplingBatch, seen: torch.Tensor | None, counts: torch.Tensor | None,
+            prev_ids: Sequence[int], watermark: Watermark | None, candidates: int = CANDIDATES) -> torch.Tensor:
+    """All of the processors on dense fp32 `scores` [B, V] (may modify it in place)."""
+    scores = pre_process(scores, sb, seen, counts, prev_ids, watermark)
     return warp_dense(scores, sb.params, sb.temperature, candidates)
 
 
@@ -141,7 +163,8 @@ def warp_candidates(scores: torch.Tensor, params: Sequence[SamplingParams], temp
     vocab = scores.shape[-1]
     dev = scores.device
     ks = [min(p.top_k, vocab) for p in params]
-    widths = [min(vocab, max(candidates, k)) for k in ks]
+    # A row's width also holds its top_n_tokens alternatives (ids its top-k removed show as -inf).
+    widths = [min(vocab, max(candidates, k, p.top_n_tokens)) for k, p in zip(ks, params)]
     values, ids = torch.topk(scores, max(widths), dim=-1)  # temperature > 0 keeps this order
     values = values / temperature
     col = torch.arange(values.shape[1], device=dev)[None, :]
@@ -226,8 +249,33 @@ def sample(scores: torch.Tensor, generators: Sequence[torch.Generator | None]) -
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=scores.shape[-1] - 1).squeeze(1)
 
 
+@dataclass
+class Choice:
+    """Each row's next id [B] and its logprob [B] under the processed distribution, and the alternatives
+    of the rows that ask for them."""
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    top: Alternatives | None = None
+
+    def record(self, rows: list[int], columns: torch.Tensor, logp: torch.Tensor,
+               vocab_ids: torch.Tensor | None = None) -> None:
+        """These rows chose `columns` [n] of their log-softmax `logp` [n, C]; column c of row j is the id
+        vocab_ids[j, c] (None: the column is the id)."""
+        ids = columns if vocab_ids is None else vocab_ids.gather(1, columns[:, None]).squeeze(1)
+        logprobs = logp.gather(1, columns[:, None]).squeeze(1)
+        if len(rows) == self.ids.shape[0]:
+            self.ids, self.logprobs = ids, logprobs
+        else:
+            target = torch.tensor(rows, dtype=torch.long, device=ids.device)
+            self.ids[target] = ids
+            self.logprobs[target] = logprobs
+        if self.top is not None:
+            self.top.record(rows, logp, vocab_ids)
+
+
 def _choose_dense(scores: torch.Tensor, sb: SamplingBatch, rows: list[int],
                   candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen ids of these rows (sorted) and the log-softmax [n, V] of their processed scores."""
     params = [sb.params[i] for i in rows]
     index = torch.tensor(rows, dtype=torch.long, device=scores.device)
     dense = scores if len(rows) == scores.shape[0] else scores[index]
@@ -238,16 +286,18 @@ def _choose_dense(scores: torch.Tensor, sb: SamplingBatch, rows: list[int],
         pick = torch.tensor(sampled, dtype=torch.long, device=scores.device)
         ids[pick] = sample(dense[pick], [sb.generators[rows[j]] for j in sampled])
     # log_softmax + gather is about twice as fast on CPU as logsumexp over the same [n, V].
-    return ids, torch.log_softmax(dense, dim=-1).gather(1, ids[:, None]).squeeze(1)
+    return ids, torch.log_softmax(dense, dim=-1)
 
 
-def choose(scores: torch.Tensor, sb: SamplingBatch, seen: torch.Tensor | None, prev_ids: Sequence[int],
-           watermark: Watermark | None, candidates: int = CANDIDATES) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next id and its logprob (under the processed distribution) for every row of fp32 `scores` [B, V]."""
-    scores = pre_process(scores, sb, seen, prev_ids, watermark)
-    batch = scores.shape[0]
-    ids = torch.zeros(batch, dtype=torch.long, device=scores.device)
-    logprobs = torch.zeros(batch, dtype=torch.float32, device=scores.device)
+def choose(scores: torch.Tensor, sb: SamplingBatch, seen: torch.Tensor | None, counts: torch.Tensor | None,
+           prev_ids: Sequence[int], watermark: Watermark | None, candidates: int = CANDIDATES) -> Choice:
+    """Next id, its logprob (under the processed distribution) and any alternatives for every row of fp32
+    `scores` [B, V]."""
+    scores = pre_process(scores, sb, seen, counts, prev_ids, watermark)
+    batch, vocab = scores.shape
+    choice = Choice(torch.zeros(batch, dtype=torch.long, device=scores.device),
+                    torch.zeros(batch, dtype=torch.float32, device=scores.device),
+                    Alternatives.empty(sb.params, vocab, scores.device))
     in_candidates = set(sb.candidate_rows)
     dense_rows = [i for i in range(batch) if i not in in_candidates]
     if sb.candidate_rows:
@@ -260,15 +310,8 @@ def choose(scores: torch.Tensor, sb: SamplingBatch, seen: torch.Tensor | None, p
             pick = torch.tensor(fit, dtype=torch.long, device=scores.device)
             values = cand.values[pick]
             column = sample(values, [sb.generators[rows[j]] for j in fit])
-            target = torch.tensor([rows[j] for j in fit], dtype=torch.long, device=scores.device)
-            ids[target] = cand.ids[pick].gather(1, column[:, None]).squeeze(1)
-            logprobs[target] = torch.log_softmax(values, dim=-1).gather(1, column[:, None]).squeeze(1)
+            choice.record([rows[j] for j in fit], column, torch.log_softmax(values, dim=-1), cand.ids[pick])
     if dense_rows:
         dense_rows.sort()
-        d_ids, d_lps = _choose_dense(scores, sb, dense_rows, candidates)
-        if len(dense_rows) == batch:
-            return d_ids, d_lps
-        target = torch.tensor(dense_rows, dtype=torch.long, device=scores.device)
-        ids[target] = d_ids
-        logprobs[target] = d_lps
-    return ids, logprobs
+        choice.record(dense_rows, *_choose_dense(scores, sb, dense_rows, candidates))
+    return choice

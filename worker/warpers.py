@@ -21,6 +21,14 @@ def repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: torch.
     return torch.where(seen, penalised, scores)
 
 
+def openai_penalties(scores: torch.Tensor, counts: torch.Tensor, frequency: torch.Tensor,
+                     presence: torch.Tensor) -> torch.Tensor:
+    """OpenAI's frequency and presence penalties with vLLM's semantics: `counts` [n, V] is how many times
+    each row GENERATED each id so far (prompt ids do not count, unlike the repetition penalty's), and
+    an id's score loses frequency * count + presence * (count > 0); negative penalties reward repeats."""
+    return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
+
+
 def top_k_filter(scores: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
     """HF TopKLogitsWarper per row (k = 0: off): drop scores below each row's k-th best."""
     vocab = scores.shape[-1]

@@ -90,6 +90,20 @@ def test_seen_mask_tracks_context_for_repetition_penalty(tiny_loaded):
     assert batch.seen[0, 7]
 
 
+def test_counts_track_generated_ids_only_for_openai_penalties(tiny_loaded):
+    jobs = [GenerationJob("f", (1, 2, 3), SamplingParams(frequency_penalty=0.5), StoppingParams(5), ""),
+            GenerationJob("g", (4, 5, 6), SamplingParams(), StoppingParams(5), "")]
+    rows = new_rows(jobs, None, make_decoder(tiny_loaded.tokenizer), make_generator, 0.0)
+    rows[0].ids += [7, 7]  # generated before the batch was (re)built
+    batch = Batch(rows=rows, cache=SlotCache(2), mask=torch.ones(2, 3, dtype=torch.bool),
+                  next_pos=torch.tensor([3, 3]), last_ids=torch.tensor([7, 9]), vocab_size=tiny_loaded.vocab_size,
+                  device=torch.device("cpu"))
+    assert batch.seen is None and batch.counts is not None
+    assert batch.counts[0].nonzero().squeeze(1).tolist() == [7] and float(batch.counts[0, 7]) == 2.0
+    batch.note_seen(torch.tensor([7, 8]))
+    assert float(batch.counts[0, 7]) == 3.0 and float(batch.counts[1, 8]) == 1.0
+
+
 @pytest.mark.parametrize("reserve", [0, 4])
 def test_slot_layer_compact_and_absorb(reserve):
     from worker.kvcache import SlotLayer

@@ -233,8 +233,9 @@ def test_greedy_choice_of_degenerate_rows(kernel):
 
 
 def test_engine_takes_plain_greedy_rows_through_the_kernel(tiny_model_dir, tmp_path):
-    """A bf16 model on CPU: the same tokens and logprobs as torch's choice, for plain greedy batches;
-    a batch with a sampled, penalised or watermarked row keeps the reference path."""
+    """A bf16 model on CPU: the same tokens, logprobs and top alternatives as torch's choice, for plain
+    greedy batches (a row asking for alternatives stays plain); a batch with a sampled, penalised or
+    watermarked row keeps the reference path."""
     from common.model_files import resolve
     from common.schemas import SamplingParams
     from worker.model import load_model
@@ -247,22 +248,28 @@ def test_engine_takes_plain_greedy_rows_through_the_kernel(tiny_model_dir, tmp_p
 
     def tokens(arrivals):
         eng, _, sink = run_engine(loaded, arrivals)
-        return eng, {rid: [(e.token.id, e.token.logprob) for e in sink.events_for(rid)] for rid in "abc"}
+        return eng, {rid: [(e.token.id, e.token.logprob, e.token.top) for e in sink.events_for(rid)]
+                     for rid in "abc"}
 
     def arrivals():
-        return {0: [job("a", PROMPTS[0], n=6), job("b", PROMPTS[1], n=4)], 2: [job("c", PROMPTS[2], n=5)]}
+        return {0: [job("a", PROMPTS[0], n=6), job("b", PROMPTS[1], n=4)],
+                2: [job("c", PROMPTS[2], n=5, top_n_tokens=4)]}
 
     eng, with_kernel = tokens(arrivals())
     assert eng._greedy is not None
     loaded.fast.kernel_greedy = False
     eng, reference = tokens(arrivals())
     assert eng._greedy is None
-    for special in ({"do_sample": True}, {"repetition_penalty": 1.2}, {"watermark": True}, {"top_k": 5}):
+    for special in ({"do_sample": True}, {"repetition_penalty": 1.2}, {"watermark": True}, {"top_k": 5},
+                    {"frequency_penalty": 0.5}, {"presence_penalty": -0.5}):
         params = [SamplingParams(), SamplingParams(**special)]
         assert not SamplingBatch.build(params, [None, None], "cpu").plain_greedy
-    assert SamplingBatch.build([SamplingParams()] * 2, [None, None], "cpu").plain_greedy
+    assert SamplingBatch.build([SamplingParams(), SamplingParams(top_n_tokens=5)], [None, None], "cpu").plain_greedy
     for rid, want in reference.items():
         got = with_kernel[rid]
         assert len(got) == len(want) > 3
-        assert [t for t, _ in got] == [t for t, _ in want]
-        assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(got, want))
+        assert [t for t, _, _ in got] == [t for t, _, _ in want]
+        assert all(abs(a - b) < 1e-5 for (_, a, _), (_, b, _) in zip(got, want))
+        for (_, _, top), (_, _, reference_top) in zip(got, want):
+            assert [t.id for t in top] == [t.id for t in reference_top] and len(top) == (4 if rid == "c" else 0)
+            assert all(abs(t.logprob - r.logprob) < 1e-5 for t, r in zip(top, reference_top))

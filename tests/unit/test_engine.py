@@ -374,3 +374,49 @@ def test_prompt_logprobs_are_the_same_when_their_logits_are_taken_a_few_position
     assert torch.allclose(torch.tensor([p.logprob for p in a.prefill[1:]]),
                           torch.tensor([p.logprob for p in b.prefill[1:]]), atol=1e-5)
     assert [t.id for t in a.tokens] == [t.id for t in b.tokens]
+
+
+def test_a_strong_presence_penalty_stops_a_greedy_row_from_repeating(tiny_loaded):
+    """The tiny model loops on one or two ids; with presence_penalty 2 no generated id comes back, alone
+    or while other rows join and leave its batch (each row's counts follow it)."""
+    _, _, plain = run_engine(tiny_loaded, {0: [job("p", PROMPTS[0], n=24)]})
+    assert len(set(generated_ids(plain, "p"))) <= 2
+    _, _, alone = run_engine(tiny_loaded, {0: [job("p", PROMPTS[0], n=24, presence_penalty=2.0)]})
+    ids = generated_ids(alone, "p")
+    assert len(ids) == len(set(ids)) == 24
+    arrivals = {0: [job("q", PROMPTS[1], n=3, frequency_penalty=1.0), job("g", PROMPTS[3], n=6)],
+                1: [job("p", PROMPTS[0], n=24, presence_penalty=2.0)], 4: [job("r", PROMPTS[2], n=5)]}
+    _, _, mixed = run_engine(tiny_loaded, arrivals)
+    assert generated_ids(mixed, "p") == ids
+    assert generated_ids(mixed, "g") == generated_ids(run_engine(tiny_loaded, {0: [job("g", PROMPTS[3], n=6)]})[2], "g")
+
+
+def test_tokens_carry_their_top_alternatives_when_asked(tiny_loaded):
+    """Every token of a row with top_n_tokens (the first one, chosen after prefill, too) lists that many
+    ids of its distribution, most likely first, with their own text; rows that do not ask list none."""
+    from common import protocol
+
+    arrivals = {0: [job("t", PROMPTS[0], n=4, top_n_tokens=5), job("u", PROMPTS[2], n=4)],
+                2: [job("s", PROMPTS[1], n=3, top_n_tokens=3, do_sample=True, top_k=2, seed=5)]}
+    _, _, sink = run_engine(tiny_loaded, arrivals)
+    assert all(e.token.top == () for e in sink.events_for("u"))
+    first = torch.log_softmax(tiny_loaded.model(torch.tensor([PROMPTS[0]])).logits[0, -1].float(), dim=-1)
+    assert [t.id for t in sink.events_for("t")[0].token.top] == torch.topk(first, 5).indices.tolist()
+    for rid, n in (("t", 5), ("s", 3)):
+        events = sink.events_for(rid)
+        assert len(events) > 2 and sink.result(rid).tokens == tuple(e.token for e in events)
+        for e in events:
+            top = e.token.top
+            assert len(top) == len({t.id for t in top}) == n
+            assert [t.logprob for t in top] == sorted((t.logprob for t in top), reverse=True)
+            assert all(t.text == tiny_loaded.tokenizer.decode([t.id]) and t.top == () for t in top)
+            assert all(t.special == (t.id in tiny_loaded.special_ids) for t in top)
+            assert {t.id: t.logprob for t in top}[e.token.id] == e.token.logprob
+    for e in sink.events_for("t"):  # greedy: the chosen token comes first
+        assert (e.token.top[0].id, e.token.top[0].logprob) == (e.token.id, e.token.logprob)
+    for e in sink.events_for("s"):  # top_k 2: the third alternative was removed
+        assert math.isinf(e.token.top[2].logprob)
+    final = sink.result("t")
+    assert protocol.decode_event(protocol.encode_event(final)) == final
+    wire = protocol.decode_event(protocol.encode_event(sink.result("s"))).token.top
+    assert [t.id for t in wire] == [t.id for t in sink.result("s").token.top] and math.isnan(wire[2].logprob)

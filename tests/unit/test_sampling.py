@@ -118,7 +118,7 @@ def test_full_pipeline_order_matches_reference():
     for i, c in enumerate(contexts):
         seen[i, c] = True
     wm = Watermark(vocab)
-    out = process(scores.clone(), sb, seen, [c[-1] for c in contexts], wm, candidates=16)
+    out = process(scores.clone(), sb, seen, None, [c[-1] for c in contexts], wm, candidates=16)
     for i, (p, c) in enumerate(zip(params, contexts)):
         row = scores[i].clone()
         if p.watermark:
@@ -139,7 +139,8 @@ def test_choose_greedy_and_logprob_of_processed_scores():
     seen = torch.zeros_like(scores, dtype=torch.bool)
     top = int(scores[1].argmax())
     seen[1, top] = True
-    ids, logprobs = choose(scores.clone(), sb, seen, [0, 0], None)
+    choice = choose(scores.clone(), sb, seen, None, [0, 0], None)
+    ids, logprobs = choice.ids, choice.logprobs
     assert int(ids[0]) == int(scores[0].argmax())
     assert abs(float(logprobs[0]) - float(torch.log_softmax(scores[0], -1)[ids[0]])) < 1e-5
     processed = ref_repetition(scores[1], [top], 2.0)
@@ -156,7 +157,7 @@ def test_sampling_is_seeded_per_row_and_follows_the_distribution():
     sb = SamplingBatch.build(params, gens, "cpu")
     draws = []
     for _ in range(4000):
-        ids, _ = choose(logits.repeat(3, 1), sb, None, [0, 0, 0], None)
+        ids = choose(logits.repeat(3, 1), sb, None, None, [0, 0, 0], None).ids
         draws.append(ids.tolist())
     rows = list(zip(*draws))
     assert rows[0] == rows[1]  # same seed, same stream, whatever the neighbours
@@ -215,7 +216,8 @@ def test_spill_goes_dense_and_every_draw_is_in_the_support():
     flat[1, :3] = 5.0
     sb = SamplingBatch.build(params, [make_generator(p.seed) for p in params], "cpu")
     for _ in range(50):
-        ids, lps = choose(flat.clone(), sb, None, [0, 0], None, candidates=16)
+        choice = choose(flat.clone(), sb, None, None, [0, 0], None, candidates=16)
+        ids, lps = choice.ids, choice.logprobs
         assert int(ids[1]) < 3
         assert abs(float(lps[1]) - float(torch.log(torch.tensor(1 / 3)))) < 1e-5
         assert abs(float(lps[0]) - float(torch.log(torch.tensor(1 / 1000)))) < 1e-3
@@ -225,7 +227,7 @@ def test_candidate_sampling_follows_the_distribution():
     logits = torch.log(torch.tensor([0.05, 0.15, 0.3, 0.5] + [1e-9] * 96))
     params = [SamplingParams(top_k=3, seed=11), SamplingParams(top_p=0.4, seed=11)]
     sb = SamplingBatch.build(params, [make_generator(p.seed) for p in params], "cpu")
-    draws = [choose(logits.repeat(2, 1), sb, None, [0, 0], None)[0].tolist() for _ in range(3000)]
+    draws = [choose(logits.repeat(2, 1), sb, None, None, [0, 0], None).ids.tolist() for _ in range(3000)]
     k_counts = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=4)[:4].float() / 3000
     assert torch.allclose(k_counts, torch.tensor([0.0, 0.15, 0.3, 0.5]) / 0.95, atol=0.03)
     assert {d[1] for d in draws} == {3}  # the nucleus of 0.4 is the single top id
@@ -244,3 +246,138 @@ def test_first_argmax_is_torch_argmax_ties_and_nan_included():
     assert torch.equal(first_argmax(scores), torch.argmax(scores, dim=-1))
     odd = torch.randn(3, 1000, generator=g)  # not a multiple of the block: torch.argmax itself
     assert torch.equal(first_argmax(odd), torch.argmax(odd, dim=-1))
+
+
+# ---- OpenAI's frequency and presence penalties ----------------------------------------------------
+
+def ref_openai(row: torch.Tensor, generated: list[int], frequency: float, presence: float) -> torch.Tensor:
+    """vLLM's rule, one id at a time: only generated ids count, the prompt does not."""
+    out = row.clone()
+    for t in set(generated):
+        out[t] -= frequency * generated.count(t) + presence
+    return out
+
+
+def counts_of(generated: list[list[int]], vocab: int) -> torch.Tensor:
+    counts = torch.zeros(len(generated), vocab)
+    for i, ids in enumerate(generated):
+        for t in ids:
+            counts[i, t] += 1
+    return counts
+
+
+def test_openai_penalties_follow_the_repetition_penalty_and_precede_temperature():
+    vocab = 300
+    scores = scores_for(12, rows=5, vocab=vocab)
+    params = [SamplingParams(frequency_penalty=0.5),
+              SamplingParams(presence_penalty=1.5, repetition_penalty=1.3, temperature=0.5, seed=1),
+              SamplingParams(),  # untouched next to penalised rows
+              SamplingParams(frequency_penalty=-0.7, presence_penalty=-2.0),  # negative: repeats rewarded
+              SamplingParams(frequency_penalty=2.0, presence_penalty=0.25, repetition_penalty=0.8)]
+    prompts = [[1, 2], [3, 4, 4], [5], [6, 7], [8, 9]]
+    generated = [[10, 10, 10, 2], [3, 11, 11], [12, 12], [13, 6, 13, 14], [15, 8, 15]]
+    seen = torch.zeros(5, vocab, dtype=torch.bool)
+    for i, (p, g) in enumerate(zip(prompts, generated)):
+        seen[i, p + g] = True
+    sb = SamplingBatch.build(params, [make_generator(p.seed) if p.sampling else None for p in params], "cpu")
+    assert sb.openai_rows == [0, 1, 3, 4] and not sb.plain_greedy
+    out = process(scores.clone(), sb, seen, counts_of(generated, vocab), [0] * 5, None)
+    for i, p in enumerate(params):
+        row = ref_repetition(scores[i], prompts[i] + generated[i], p.repetition_penalty)
+        row = ref_openai(row, generated[i], p.frequency_penalty, p.presence_penalty)
+        same(out[i], row / p.temperature)
+    assert torch.equal(out[2], scores[2])
+
+
+def test_rows_without_openai_penalties_keep_the_plain_greedy_path():
+    assert SamplingBatch.build([SamplingParams()] * 2, [None, None], "cpu").plain_greedy
+    for penalty in ({"frequency_penalty": 0.1}, {"presence_penalty": -0.1}):
+        sb = SamplingBatch.build([SamplingParams(), SamplingParams(**penalty)], [None, None], "cpu")
+        assert not sb.plain_greedy and sb.needs_counts and sb.openai_rows == [1]
+
+
+# ---- top_n_tokens alternatives --------------------------------------------------------------------
+
+TOP_CASES = [SamplingParams(top_n_tokens=5),  # greedy, dense
+             SamplingParams(),  # asks for nothing
+             SamplingParams(repetition_penalty=1.5, frequency_penalty=0.4, top_n_tokens=3),
+             SamplingParams(do_sample=True, top_k=3, top_n_tokens=5, seed=1),  # two alternatives removed
+             SamplingParams(top_p=0.9, temperature=0.7, top_n_tokens=20, seed=2),  # candidates
+             SamplingParams(typical_p=0.5, top_n_tokens=4, seed=3),  # dense, removes likely ids too
+             SamplingParams(top_k=2, top_n_tokens=1, seed=4)]
+
+
+def choose_with_top(params: list[SamplingParams], scores: torch.Tensor, candidates: int = 16):
+    """The choice and, for reference, the processed scores of the same rows."""
+    vocab = scores.shape[1]
+    seen = torch.zeros(len(params), vocab, dtype=torch.bool)
+    seen[:, :5] = True
+    counts = torch.zeros(len(params), vocab)
+    counts[:, 3] = 2
+    gens = [make_generator(p.seed) if p.sampling else None for p in params]
+    sb = SamplingBatch.build(params, gens, "cpu")
+    processed = process(scores.clone(), sb, seen, counts, [0] * len(params), None, candidates)
+    sb = SamplingBatch.build(params, [make_generator(p.seed) if p.sampling else None for p in params], "cpu")
+    return choose(scores.clone(), sb, seen, counts, [0] * len(params), None, candidates), processed
+
+
+@pytest.mark.parametrize("candidates", [4, 16, 10_000])
+def test_alternatives_are_the_best_ids_of_the_processed_distribution(candidates):
+    scores = scores_for(13, rows=len(TOP_CASES), vocab=400)
+    choice, processed = choose_with_top(TOP_CASES, scores, candidates)
+    top = choice.top
+    assert top is not None and top.rows == [0, 2, 3, 4, 5, 6] and top.counts == [5, 3, 5, 20, 4, 1]
+    reference = torch.log_softmax(processed, dim=-1)
+    for j, (row, n) in enumerate(zip(top.rows, top.counts)):
+        ids, lps = top.ids[j, :n], top.logprobs[j, :n]
+        assert len(set(ids.tolist())) == n
+        assert torch.equal(lps, lps.sort(descending=True).values)
+        finite = torch.isfinite(lps)
+        assert torch.allclose(lps[finite], reference[row, ids][finite], atol=1e-5)
+        assert torch.isinf(reference[row, ids][~finite]).all()
+        # Every id left out is no more likely than the last one listed.
+        left_out = torch.ones(400, dtype=torch.bool)
+        left_out[ids] = False
+        assert bool((reference[row][left_out] <= lps[-1] + 1e-6).all())
+        # The chosen token is among the alternatives with the same logprob (first for greedy rows),
+        # unless it was drawn from beyond a short list.
+        chosen = int(choice.ids[row])
+        if TOP_CASES[row].sampling and chosen not in ids.tolist():
+            assert float(choice.logprobs[row]) <= float(lps[-1]) + 1e-6
+            continue
+        assert abs(float(lps[ids.tolist().index(chosen)]) - float(choice.logprobs[row])) < 1e-6
+        if not TOP_CASES[row].sampling:
+            assert int(ids[0]) == chosen and float(lps[0]) == float(choice.logprobs[row])
+    assert [int(x) for x in torch.isinf(top.logprobs[2, :5])] == [0, 0, 0, 1, 1]  # top_k=3 of 5
+
+
+def test_no_row_asking_means_no_alternatives():
+    choice, _ = choose_with_top([SamplingParams(), SamplingParams(do_sample=True, top_k=4, seed=1)],
+                                scores_for(14, rows=2, vocab=100))
+    assert choice.top is None
+
+
+def test_alternatives_of_ties_list_the_lowest_ids_first_as_argmax_chooses():
+    from worker.alternatives import Alternatives
+
+    logits = torch.zeros(2, 64)
+    logits[0, [40, 9, 30]] = 3.0
+    logits[1, 50] = 1.0
+    top = Alternatives.of_logits(logits, [SamplingParams(top_n_tokens=4), SamplingParams(top_n_tokens=2)])
+    assert top is not None
+    assert top.ids[0, :3].tolist() == [9, 30, 40]  # a tie inside the list: by id
+    assert int(top.ids[0, 3]) not in (9, 30, 40) and int(top.ids[1, 0]) == 50  # a tie at its end: any of them
+    assert torch.allclose(top.logprobs, torch.log_softmax(logits, -1).gather(1, top.ids))
+
+
+def test_alternatives_become_tokens_with_their_own_text():
+    from worker.alternatives import Alternatives
+
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]])
+    top = Alternatives.of_logits(logits, [SamplingParams(top_n_tokens=20)])  # more than the vocabulary
+    tokens = top.tokens(lambda t: f"<{t}>", frozenset({2}))
+    want = torch.log_softmax(logits[0], -1)
+    assert [(t.id, t.text, t.special) for t in tokens[0]] == [(1, "<1>", False), (2, "<2>", True),
+                                                              (0, "<0>", False), (3, "<3>", False)]
+    assert [t.logprob for t in tokens[0]] == pytest.approx([float(want[i]) for i in (1, 2, 0, 3)])
+    assert all(t.top == () for t in tokens[0])
