@@ -45,6 +45,7 @@ class AppConfig:
     tokenizer_dirs: tuple[str, ...] | None = None
     keepalive_s: float = 15.0  # SSE comment after this much silence (axum's KeepAlive default)
     reap_every_s: float = 0.0  # sweep for dead workers' leases (api.reaping); 0: leave it to workers
+    created: int = 0  # when the API started serving its models (/v1/models); 0: now
 
 
 def create_app(config: AppConfig, *, redis_client: redis.Redis | None = None) -> Flask:
@@ -53,7 +54,7 @@ def create_app(config: AppConfig, *, redis_client: redis.Redis | None = None) ->
     app.config["MAX_CONTENT_LENGTH"] = api.max_body_bytes
     client = redis_client or connect(config.redis)
     dirs = config.tokenizer_dirs or tokenizer_dirs(config.models)
-    created = int(time.time())
+    created = config.created or int(time.time())  # set by the master, so every process agrees
     models = ModelRegistry([
         ServedModel.load(model_files.resolve(m.model, m.model_id).model_id, Path(d), config.limits, client,
                          job_timeout_s=api.request_timeout, created=created)

@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -84,6 +85,7 @@ def run_api(redis: RedisSettings, models: ServedModelsSettings, limits: LimitSet
     metrics_dir = prepare_metrics_dir(os.environ.get(MULTIPROC_ENV))
     os.environ[MULTIPROC_ENV] = metrics_dir
     dirs = tokenizer_dirs(models)  # once, here: a GGUF's conversion must not run in every worker
+    created = int(time.time())
 
     def factory() -> Any:
         # Imported in the worker, after gevent patched it; prometheus-client sees the variable.
@@ -91,7 +93,7 @@ def run_api(redis: RedisSettings, models: ServedModelsSettings, limits: LimitSet
 
         return create_app(AppConfig(redis=redis, models=models, limits=limits, api=api,
                                     metrics_dir=metrics_dir, tokenizer_dirs=dirs,
-                                    reap_every_s=REAP_EVERY_S))
+                                    reap_every_s=REAP_EVERY_S, created=created))
 
     try:
         GunicornApp(gunicorn_options(api), factory).run()

@@ -102,10 +102,9 @@ class Envelope:
 
     # stream -------------------------------------------------------------------------------
 
-    def chunk(self, index: int, token: Token | None, *, role: bool = False, logprobs: bool = False,
+    def chunk(self, index: int, token: Token | None, *, text: str = "", role: bool = False, logprobs: bool = False,
               offset: int = 0, reason: str | None = None, with_usage: bool = False) -> bytes:
-        """One choice's chunk: a token's piece (None: no content), the role for a chat's first chunk."""
-        text = piece(token) if token is not None else ""
+        """One choice's chunk: `text` with its token's logprobs (no token: the role chunk of a chat)."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": text} if role else {"content": text}
             lp = chat_logprobs([token]) if logprobs and token is not None else None

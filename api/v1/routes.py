@@ -90,6 +90,15 @@ def _serve(st: TgqState, model: ServedModel, req: V1Request, *, chat: bool) -> R
     return Response(orjson.dumps(envelope.body(finals, planned.prompt_tokens, logprobs)), content_type=JSON)
 
 
+def last_piece(final: FinalEvent, sent: str) -> str:
+    """The final chunk's text: the rest of the whole answer after what was sent. It differs from the
+    last token's own text when generation stopped inside a multi-byte character, whose bytes the
+    worker's incremental decoder held back (the whole answer ends in U+FFFD there, as a full decode)."""
+    if final.generated_text.startswith(sent):
+        return final.generated_text[len(sent):]
+    return piece(final.token)
+
+
 def _stream(events: Iterable[TokenEvent | FinalEvent | None], sub: Submission, envelope: Envelope,
             planned: Planned, hooks: StreamHooks, *, keepalive_s: float, logprobs: bool,
             include_usage: bool) -> Iterator[bytes]:
@@ -97,7 +106,7 @@ def _stream(events: Iterable[TokenEvent | FinalEvent | None], sub: Submission, e
     last token's chunk; then the usage chunk when asked for, then `data: [DONE]`."""
     def body() -> Iterator[bytes]:
         started: set[int] = set()
-        offsets = [0] * len(sub.jobs)  # text already sent per choice (completions' text_offset)
+        sent = [""] * len(sub.jobs)  # each choice's text sent so far
         finals: list[FinalEvent] = []
         for item in keepalives(events, keepalive_s, KEEPALIVE):
             if isinstance(item, bytes):
@@ -109,12 +118,16 @@ def _stream(events: Iterable[TokenEvent | FinalEvent | None], sub: Submission, e
             if envelope.chat and i not in started:
                 started.add(i)
                 yield envelope.chunk(i, None, role=True, with_usage=include_usage)
-            reason = finish_reason(item) if isinstance(item, FinalEvent) else None
-            yield envelope.chunk(i, item.token, logprobs=logprobs, offset=offsets[i], reason=reason,
-                                 with_usage=include_usage)
-            offsets[i] += len(piece(item.token))
             if isinstance(item, FinalEvent):
+                text = last_piece(item, sent[i])
+                yield envelope.chunk(i, item.token, text=text, logprobs=logprobs, offset=len(sent[i]),
+                                     reason=finish_reason(item), with_usage=include_usage)
                 finals.append(item)
+            else:
+                text = piece(item.token)
+                yield envelope.chunk(i, item.token, text=text, logprobs=logprobs, offset=len(sent[i]),
+                                     with_usage=include_usage)
+            sent[i] += text
         hooks.on_success(finals)
         if include_usage:
             yield envelope.usage_chunk(planned.prompt_tokens, sum(f.generated_tokens for f in finals))
