@@ -4,9 +4,11 @@ N concurrent clients, each issuing one streaming request after another, on one a
 a single thread that sleeps in epoll takes the arrival time of every SSE event as it is read, without
 the GIL contention of N reader threads, and leaves the cores to the server being measured.
 
-Two server dialects:
+Three server dialects:
   tgi     POST {url}/generate_stream (TGI 0.5.0, tgq)
   openai  POST {url}/v1/completions with stream=true (llama.cpp's llama-server, llama-cpp-python's server, vLLM, ...)
+  chat    POST {url}/v1/chat/completions with stream=true (library use with `payloads`: the body carries
+          the messages; `bench.chat` compares it with /generate_stream on the template's rendered text)
 
 Figures: aggregate generated tokens/s (tokens received / wall time), time to first token, inter-token
 latency (every gap between consecutive token events, pooled over requests, as vLLM does), request
@@ -77,8 +79,48 @@ def make_payload(api: str, index: int, prompt_tokens: int, new_tokens: int, samp
     raise ValueError(f"unknown api dialect {api!r}")
 
 
+ENDPOINTS = {"tgi": "/generate_stream", "openai": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
 def endpoint(api: str, url: str) -> str:
-    return url.rstrip("/") + ("/generate_stream" if api == "tgi" else "/v1/completions")
+    return url.rstrip("/") + ENDPOINTS[api]
+
+
+def interpret_chat(data: str) -> stats.StreamEvent:
+    """An OpenAI `/v1/chat/completions` stream chunk, or `[DONE]`.
+
+    A choice's first chunk carries only the role (no token: "other"); then one chunk per generated token,
+    the last with `finish_reason` ("final"; its piece is empty for a special token such as EOS, and it
+    still counts); with `stream_options.include_usage` a chunk with no choices carries `usage`
+    ("other", with the server's completion_tokens as generated_tokens).
+    """
+    if data.strip() == "[DONE]":
+        return stats.StreamEvent("done")
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return stats.StreamEvent("error", error=f"not JSON: {data[:200]!r}")
+    if not isinstance(obj, dict):
+        return stats.StreamEvent("other")
+    if "error" in obj:
+        err = obj["error"]
+        return stats.StreamEvent("error", error=str(err.get("message", err)) if isinstance(err, dict) else str(err))
+    choices = obj.get("choices") or []
+    if not choices:
+        usage = obj.get("usage") or {}
+        return stats.StreamEvent("other", generated_tokens=usage.get("completion_tokens"))
+    choice = choices[0]
+    delta = choice.get("delta") or {}
+    text = delta.get("content") or ""
+    finish = choice.get("finish_reason")
+    if finish is not None:
+        return stats.StreamEvent("final", text=text, tokens=1, finish_reason=finish)
+    if "role" in delta:
+        return stats.StreamEvent("other", text=text)
+    return stats.StreamEvent("token", text=text, tokens=1)
+
+
+INTERPRETERS = {"tgi": stats.interpret_tgi, "openai": stats.interpret_openai, "chat": interpret_chat}
 
 
 @dataclass
@@ -93,6 +135,7 @@ class RequestResult:
     error: str | None = None
     generated_tokens: int | None = None
     finish_reason: str | None = None
+    text: list[str] | None = None  # the token pieces received, when the caller asks for them (`keep_text`)
 
     @property
     def ttft(self) -> float | None:
@@ -106,7 +149,7 @@ class RequestResult:
 async def _one_request(session: Any, api: str, url: str, payload: dict[str, Any], r: RequestResult) -> None:
     import aiohttp
 
-    interpret = stats.interpret_tgi if api == "tgi" else stats.interpret_openai
+    interpret = INTERPRETERS[api]
     dec = stats.SseDecoder()
     r.start = time.perf_counter()
     try:
@@ -126,12 +169,16 @@ async def _one_request(session: Any, api: str, url: str, payload: dict[str, Any]
                 if ev.kind in ("token", "final") and ev.tokens:
                     r.tokens += ev.tokens
                     r.token_times.append(now)
+                    if r.text is not None:
+                        r.text.append(ev.text)
                 if ev.kind == "error":
                     r.error = ev.error
                     r.end = now
                     return
-                if ev.kind == "final":
+                if ev.kind == "other" and ev.generated_tokens is not None:  # chat's usage chunk, after the final
                     r.generated_tokens = ev.generated_tokens
+                if ev.kind == "final":
+                    r.generated_tokens = ev.generated_tokens if ev.generated_tokens is not None else r.generated_tokens
                     r.finish_reason = ev.finish_reason
                     finished = True
                     r.end = now  # TGI's body ends right after; reading on to EOF keeps the connection reusable
@@ -174,7 +221,8 @@ async def _sample_gauge(session: Any, base: str, out: list[float], every_s: floa
 
 async def _run_async(url: str, api: str, clients: int, prompt_tokens: int, new_tokens: int, requests: int,
                      duration: float, sample: bool, seed: int, progress: bool, hard_deadline_s: float | None,
-                     scrape_metrics: bool, gauge_every_s: float) -> dict[str, Any]:
+                     scrape_metrics: bool, gauge_every_s: float, payloads: Any = None, keep_text: bool = False,
+                     results_out: list[RequestResult] | None = None) -> dict[str, Any]:
     import aiohttp
 
     target = endpoint(api, url)
@@ -204,9 +252,11 @@ async def _run_async(url: str, api: str, clients: int, prompt_tokens: int, new_t
                 i = next(counter)
                 if (requests and i >= requests) or (not requests and time.perf_counter() >= stop_issuing):
                     return
-                r = RequestResult(index=i)
+                r = RequestResult(index=i, text=[] if keep_text else None)
                 results.append(r)
-                await _one_request(session, api, target, make_payload(api, i, prompt_tokens, new_tokens, sample, seed), r)
+                payload = payloads(i) if payloads is not None else make_payload(api, i, prompt_tokens, new_tokens,
+                                                                                 sample, seed)
+                await _one_request(session, api, target, payload, r)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(tokens=sum(x.tokens for x in results), refresh=False)
@@ -224,6 +274,8 @@ async def _run_async(url: str, api: str, clients: int, prompt_tokens: int, new_t
         after = await _fetch_metrics(session, url) if before is not None else None
     if bar is not None:
         bar.close()
+    if results_out is not None:
+        results_out.extend(results)
     return summarize_run(results, t1 - t0, api=api, url=url, clients=clients, prompt_tokens=prompt_tokens,
                          new_tokens=new_tokens, sample=sample, before=before, after=after, gauge=gauge)
 
@@ -288,16 +340,24 @@ def summarize_run(results: list[RequestResult], wall_s: float, *, api: str, url:
 def run_load(url: str, *, api: str = "tgi", clients: int = 8, prompt_tokens: int = 32, new_tokens: int = 128,
              requests: int = 0, duration: float = 30.0, sample: bool = False, seed: int = 1234,
              progress: bool = False, hard_deadline_s: float | None = None, scrape_metrics: bool | None = None,
-             gauge_every_s: float = 2.0) -> dict[str, Any]:
-    """Run one load test and return its summary (see `summarize_run`)."""
+             gauge_every_s: float = 2.0, payloads: Any = None, keep_text: bool = False,
+             results_out: list[RequestResult] | None = None) -> dict[str, Any]:
+    """Run one load test and return its summary (see `summarize_run`).
+
+    `payloads(i)`, when given, makes request i's JSON body (instead of `make_payload`; needed for
+    api="chat"); `keep_text` keeps every request's token pieces (`RequestResult.text`); `results_out`
+    receives the RequestResults."""
     if clients < 1:
         raise ValueError("clients must be >= 1")
     if requests < 0 or (not requests and duration <= 0):
         raise ValueError("give requests > 0 or duration > 0")
     if scrape_metrics is None:
         scrape_metrics = api == "tgi"
+    if api == "chat" and payloads is None:
+        raise ValueError("api='chat' needs payloads (a function of the request index)")
     return asyncio.run(_run_async(url, api, clients, prompt_tokens, new_tokens, requests, duration, sample, seed,
-                                  progress, hard_deadline_s, scrape_metrics, gauge_every_s))
+                                  progress, hard_deadline_s, scrape_metrics, gauge_every_s, payloads, keep_text,
+                                  results_out))
 
 
 def _ms(x: float | None) -> str:
@@ -375,4 +435,5 @@ if __name__ == "__main__":
     sys.exit(run_bench(_parser().parse_args()))
 
 
-__all__ = ["RequestResult", "format_report", "make_payload", "make_prompt", "run_bench", "run_load"]
+__all__ = ["RequestResult", "endpoint", "format_report", "interpret_chat", "make_payload", "make_prompt", "run_bench",
+           "run_load"]
