@@ -18,7 +18,7 @@ from .parsing import JSON_CONTENT_TYPE_MSG, RawParameters, RawRequest, Rejection
 from .responses import dumps, generate_body, generate_headers, pick_best, stream_headers, timing_for
 from .service import REDIS_DOWN, JobSpec
 from .streaming import CONTENT_TYPE as SSE_TYPE
-from .streaming import StreamHooks, relay_stream, single_error_stream
+from .streaming import relay_stream, single_error_stream
 from .validation import ValidRequest, check_best_of, random_seed
 
 bp = Blueprint("tgq", __name__)
