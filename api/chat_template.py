@@ -27,7 +27,7 @@ CONFIG_FILE = "tokenizer_config.json"
 # transformers' own marker, so that a template that inspects the content sees the same string.
 CONTINUE_MARKER = "CONTINUE_FINAL_MESSAGE_TAG "
 # What a template can raise while rendering client messages: a request error, never a server one.
-RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, ArithmeticError)
+RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError, RecursionError)
 
 
 class TemplateError(ValueError):

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from gunicorn.app.base import BaseApplication
 
 from common import model_files
-from common.settings import ApiSettings, LimitSettings, RedisSettings, ServedModelsSettings
+from common.settings import ApiSettings, LimitSettings, RedisSettings, ServedModelsSettings, SettingsError
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 REAP_EVERY_S = 2.0  # each gunicorn worker sweeps for dead workers' leases this often
@@ -75,9 +75,16 @@ def gunicorn_options(api: ApiSettings) -> dict[str, Any]:
 
 
 def tokenizer_dirs(models: ServedModelsSettings) -> tuple[str, ...]:
-    """Each served model's tokenizer directory (a GGUF's tokenizer is converted once into the cache)."""
-    return tuple(str(model_files.ensure_tokenizer(model_files.resolve(m.model, m.model_id), m.cache_dir))
-                 for m in models.entries())
+    """Each served model's tokenizer directory (a GGUF's tokenizer is converted once into the cache).
+
+    Raises SettingsError when two models end up with the same id (their queues would be one)."""
+    entries = models.entries()
+    sources = [model_files.resolve(m.model, m.model_id) for m in entries]
+    ids = [source.model_id for source in sources]
+    for model_id in ids:
+        if ids.count(model_id) > 1:
+            raise SettingsError(f"two served models have the id {model_id!r}: give each its own --model-id")
+    return tuple(str(model_files.ensure_tokenizer(source, m.cache_dir)) for source, m in zip(sources, entries))
 
 
 def run_api(redis: RedisSettings, models: ServedModelsSettings, limits: LimitSettings, api: ApiSettings) -> int:

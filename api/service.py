@@ -1,7 +1,7 @@
 """The format-neutral core of a generation request: submit jobs, relay their events, cancel.
 
-Both dialects (TGI's routes in `api.tgi`, the OpenAI-style routes in `api.openai`) go through
-here: they map their request onto a `JobSpec`, submit it to a served model, and turn the events
+Every dialect (TGI's routes in `api.routes`, TGI 3's in `api.tgi3`, OpenAI's in `api.v1`) goes
+through here: they map their request onto a `JobSpec`, submit it to a served model, and turn the events
 of `GenerationService.events` into their own response format. No Flask here.
 """
 from __future__ import annotations
@@ -91,7 +91,8 @@ class GenerationService:
 
     def events(self, sub: Submission, client_gone: Callable[[], bool] = lambda: False, *,
                tokens: bool = True, tick_s: float = CLIENT_CHECK_S) -> Iterator[TokenEvent | FinalEvent | None]:
-        """Every job's events in arrival order until each has ended; None after `tick_s` of silence.
+        """Every job's events in arrival order until each has ended; None after min(`tick_s`, 1 s) of
+        silence (the client's socket is looked at every second).
 
         Each token index is passed on once per job (re-runs and repeats dropped); tokens lost in
         transit are recovered from the final event when it carries them. Raises the ServiceError of

@@ -55,6 +55,12 @@ class StreamHooks:
     on_close: Callable[[], None]  # always, last
     # polled while no event arrives (e.g. queued behind others): True once the client hung up
     client_gone: Callable[[], bool] = lambda: False
+    ended: bool = False  # every job succeeded: a client that goes away now is not a drop
+
+    def succeeded(self, finals: list[FinalEvent]) -> None:
+        """The body calls this once every job's final event is in, before writing the last of it."""
+        self.ended = True
+        self.on_success(finals)
 
 
 def guarded(body: Iterator[bytes], hooks: StreamHooks, on_error: Callable[[ServiceError], bytes]) -> Iterator[bytes]:
@@ -77,7 +83,7 @@ def guarded(body: Iterator[bytes], hooks: StreamHooks, on_error: Callable[[Servi
         hooks.on_failure(exc)
         yield on_error(exc)
     except GeneratorExit:
-        if not ended:
+        if not (ended or hooks.ended):
             hooks.on_dropped()
         raise
     finally:
@@ -107,7 +113,7 @@ def relay_stream(events: Iterable[TokenEvent | FinalEvent | None], *, prefix: st
             elif isinstance(item, TokenEvent):
                 yield token_event(item.token)
             elif isinstance(item, FinalEvent):
-                hooks.on_success([item])
+                hooks.succeeded([item])
                 yield final_event(item, prefix=prefix, details=details)
     return guarded(body(), hooks, error_event)
 

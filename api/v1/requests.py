@@ -58,15 +58,10 @@ class V1Request:
 class Planned:
     """The jobs of a /v1 request: one JobSpec per prompt, each with `n` seeds (choice i: seed + i)."""
     specs: list[JobSpec]
-    n: int
 
     @property
     def prompt_tokens(self) -> int:
         return sum(len(spec.input_ids) for spec in self.specs)
-
-    @property
-    def copies(self) -> int:
-        return len(self.specs) * self.n
 
 
 def load_body(data: bytes) -> dict[str, Any]:
@@ -196,9 +191,8 @@ def completion_request(body: dict[str, Any], max_n: int) -> V1Request:
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise InvalidRequest("`prompt` must be a string or a non-empty list of strings", "prompt")
-    for name in ("suffix",):
-        if body.get(name) is not None:
-            raise InvalidRequest(f"`{name}` is not supported", name)
+    if body.get("suffix") is not None:
+        raise InvalidRequest("`suffix` is not supported", "suffix")
     if _flag(body, "echo"):
         raise InvalidRequest("`echo` is not supported", "echo")
     stream = _flag(body, "stream")
@@ -209,6 +203,11 @@ def completion_request(body: dict[str, Any], max_n: int) -> V1Request:
 
 # --- mapping onto /generate's rules ------------------------------------------------------------
 
+def choices(request: V1Request) -> int:
+    """How many jobs the request asks for: `n` per prompt."""
+    return request.sampling.n * len(request.prompts)
+
+
 def plan(model: ServedModel, request: V1Request) -> Planned:
     """Validate each prompt with /generate's rules and limits (TGI's messages); raise InvalidRequest."""
     s = request.sampling
@@ -217,10 +216,16 @@ def plan(model: ServedModel, request: V1Request) -> Planned:
     for prompt in request.prompts:
         ids = model.validator.tokenize(prompt, add_special_tokens=request.add_special_tokens)
         # TGI 3: without max_tokens a choice may fill what --max-total-tokens leaves after the prompt.
-        max_new = s.max_tokens if s.max_tokens is not None else max(1, model.limits.max_total_tokens - len(ids))
+        room = model.limits.max_total_tokens - len(ids)
+        if s.max_tokens is None and room < 1:
+            raise InvalidRequest(f"Input validation error: `inputs` must have less than "
+                                 f"{model.limits.max_input_length} tokens. Given: {len(ids)}",
+                                 "prompt" if request.messages is None else "messages")
+        max_new = s.max_tokens if s.max_tokens is not None else room
         raw = RawRequest(inputs=prompt, parameters=RawParameters(
+            # temperature 0 is greedy whatever top_p says (OpenAI, vLLM): no warper is passed on then
             do_sample=not greedy, temperature=None if greedy else s.temperature,
-            top_p=None if s.top_p is None or s.top_p >= 1.0 else s.top_p,
+            top_p=None if greedy or s.top_p is None or s.top_p >= 1.0 else s.top_p,
             max_new_tokens=max_new, stop=s.stop, seed=s.seed))
         try:
             valid = model.validator.validate(raw, input_ids=ids)
@@ -231,7 +236,7 @@ def plan(model: ServedModel, request: V1Request) -> Planned:
             top_n_tokens=s.top_logprobs or 0)
         specs.append(JobSpec(input_ids=valid.input_ids, sampling=sampling, stopping=valid.stopping,
                              seeds=_seeds(s.n, s.seed), want_tokens=s.top_logprobs is not None))
-    return Planned(specs=specs, n=s.n)
+    return Planned(specs=specs)
 
 
 def _seeds(n: int, seed: int | None) -> tuple[int, ...]:

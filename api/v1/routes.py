@@ -21,7 +21,7 @@ from ..service import Submission
 from ..state import TgqState
 from ..streaming import StreamHooks, guarded, keepalives
 from .errors import InvalidRequest, openai_error
-from .requests import Planned, V1Request, chat_request, completion_request, load_body, plan
+from .requests import Planned, V1Request, chat_request, choices, completion_request, load_body, plan
 from .responses import DONE, Envelope, finish_reason, piece, sse
 
 bp = Blueprint("v1", __name__)
@@ -69,7 +69,11 @@ def _serve(st: TgqState, model: ServedModel, req: V1Request, *, chat: bool) -> R
     start = time.time()
     st.metrics.request_count.inc()
     with failures_counted(st):
-        model.admit(req.sampling.n * len(req.prompts))
+        wanted = choices(req)
+        if wanted > model.limits.max_queue_length:  # could never be admitted: not worth a retry
+            raise InvalidRequest(f"The request asks for {wanted} choices (`n` per prompt); at most "
+                                 f"{model.limits.max_queue_length} may wait in the queue", "prompt" if not chat else "n")
+        model.admit(wanted)
         planned = plan(model, req)
         for spec in planned.specs:
             st.metrics.validated(len(spec.input_ids), spec.stopping.max_new_tokens, len(spec.seeds))
@@ -119,16 +123,17 @@ def _stream(events: Iterable[TokenEvent | FinalEvent | None], sub: Submission, e
                 started.add(i)
                 yield envelope.chunk(i, None, role=True, with_usage=include_usage)
             if isinstance(item, FinalEvent):
+                finals.append(item)
+                if len(finals) == len(sub.jobs):
+                    hooks.succeeded(finals)  # before the last chunk: a client gone after it is no drop
                 text = last_piece(item, sent[i])
                 yield envelope.chunk(i, item.token, text=text, logprobs=logprobs, offset=len(sent[i]),
                                      reason=finish_reason(item), with_usage=include_usage)
-                finals.append(item)
             else:
                 text = piece(item.token)
                 yield envelope.chunk(i, item.token, text=text, logprobs=logprobs, offset=len(sent[i]),
                                      with_usage=include_usage)
             sent[i] += text
-        hooks.on_success(finals)
         if include_usage:
             yield envelope.usage_chunk(planned.prompt_tokens, sum(f.generated_tokens for f in finals))
         yield DONE

@@ -62,6 +62,14 @@ def eos_script(job: GenerationJob) -> list[Any]:
     return script_tokens(TOKENS, " hello world", reason=FinishReason.EOS_TOKEN)(job)
 
 
+def recording(jobs: list[GenerationJob]) -> Any:
+    """A worker script that keeps each job it takes and answers " hello world" then EOS."""
+    def record(job: GenerationJob) -> list[Any]:
+        jobs.append(job)
+        return eos_script(job)
+    return record
+
+
 # --- chat -------------------------------------------------------------------------------------
 
 def test_chat_renders_the_template_and_maps_parameters(chat: Harness) -> None:
@@ -81,12 +89,7 @@ def test_chat_renders_the_template_and_maps_parameters(chat: Harness) -> None:
 
 def test_chat_job_fields(chat: Harness) -> None:
     jobs: list[GenerationJob] = []
-
-    def record(job: GenerationJob) -> list[Any]:
-        jobs.append(job)
-        return eos_script(job)
-
-    worker = chat.serve(record, jobs=3)
+    worker = chat.serve(recording(jobs), jobs=3)
     resp = post(chat, "/v1/chat/completions", {
         "messages": USER, "temperature": 0, "max_tokens": 7, "stop": ["x", "y"], "top_p": 1.0,
         "frequency_penalty": 0.5, "presence_penalty": -0.25, "seed": 2**64 - 2, "n": 3,
@@ -106,12 +109,7 @@ def test_chat_job_fields(chat: Harness) -> None:
 
 def test_default_temperature_samples_and_max_tokens_fills_the_total(chat: Harness) -> None:
     jobs: list[GenerationJob] = []
-
-    def record(job: GenerationJob) -> list[Any]:
-        jobs.append(job)
-        return eos_script(job)
-
-    worker = chat.serve(record)
+    worker = chat.serve(recording(jobs))
     resp = post(chat, "/v1/chat/completions", {"messages": USER})
     worker.join(5)
     assert resp.status_code == 200
@@ -405,3 +403,59 @@ def test_tokenize(chat: Harness) -> None:
     resp = post(chat, "/tokenize", {"inputs": "hello world!", "parameters": {"truncate": 2}})
     assert [t["text"] for t in resp.get_json()] == ["world", "!"]
     assert post(chat, "/tokenize", {"nope": 1}).status_code == 422  # TGI's body rules
+
+
+def test_temperature_zero_is_greedy_whatever_top_p(chat: Harness) -> None:
+    jobs: list[GenerationJob] = []
+    worker = chat.serve(recording(jobs))
+    resp = post(chat, "/v1/completions", {"prompt": "hello", "temperature": 0, "top_p": 0.5, "max_tokens": 3})
+    worker.join(5)
+    assert resp.status_code == 200
+    assert not jobs[0].sampling.sampling and jobs[0].sampling.top_p == 1.0
+
+
+def test_more_choices_than_the_queue_holds_is_400_not_429(chat: Harness) -> None:
+    resp = post(chat, "/v1/completions", {"prompt": ["hello"] * 2, "n": 2, "max_tokens": 1})  # 4 > 3 waiting jobs
+    assert resp.status_code == 400 and error_of(resp)["param"] == "prompt"
+    assert chat.queue.count == 0
+
+
+def test_a_prompt_that_leaves_no_room_names_the_prompt(chat: Harness) -> None:
+    resp = post(chat, "/v1/completions", {"prompt": "hello " * LIMITS.max_total_tokens})
+    assert resp.status_code == 400
+    err = error_of(resp)
+    assert err["param"] == "prompt" and err["message"] == (
+        f"Input validation error: `inputs` must have less than {LIMITS.max_input_length} tokens. "
+        f"Given: {LIMITS.max_total_tokens + 1}")
+
+
+def test_a_template_that_recurses_is_400(make_harness: Any, chat_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "tojson"
+    shutil.copytree(chat_dir, path)
+    (path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.tool_calls | tojson }}{% endfor %}")
+    nested = "[" * 1000 + "]" * 1000  # as deep as the JSON parser takes; too deep for the template's tojson
+    h = make_harness(models=(str(path),))
+    body = '{"messages": [{"role": "user", "content": "x", "tool_calls": %s}]}' % nested
+    resp = h.client.post("/chat_tokenize", data=body, content_type="application/json")
+    assert resp.status_code == 400 and resp.get_json()["error"].startswith("Template error")
+
+
+def test_two_models_with_one_id_are_refused(make_harness: Any, chat_dir: Path) -> None:
+    from common.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="give each its own --model-id"):
+        make_harness(models=(str(chat_dir), str(chat_dir)))
+
+
+def test_a_stream_read_to_its_end_counts_one_success_and_no_drop(chat: Harness) -> None:
+    worker = chat.serve(eos_script)
+    resp = post(chat, "/v1/chat/completions", {"messages": USER, "stream": True, "max_tokens": 3})
+    body = iter(resp.response)
+    for chunk in body:
+        if b'"finish_reason":"stop"' in chunk:
+            break
+    resp.close()  # the client leaves right after the last content chunk, before [DONE]
+    worker.join(5)
+    text = chat.client.get("/metrics").get_data(as_text=True)
+    assert "tgi_request_success 1\n" in text
+    assert 'err="dropped"' not in text
