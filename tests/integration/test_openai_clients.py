@@ -340,9 +340,10 @@ def test_queue_full_raises_rate_limit(idle_url, stack):
     assert len(first) == 1 and isinstance(first[0], openai.InternalServerError), first
 
 
-def test_n_counts_against_the_queue_limit(idle_url):
-    with pytest.raises(openai.RateLimitError):
+def test_more_choices_than_the_queue_holds_is_a_bad_request(idle_url):
+    with pytest.raises(openai.BadRequestError) as caught:  # never admissible: no 429 for the SDK to retry
         chat(client(idle_url), n=2, temperature=1.0)  # two jobs > --max-queue-length 1
+    assert caught.value.body["param"] == "n"
 
 
 # --- mid-stream failures --------------------------------------------------------------------------
