@@ -135,25 +135,29 @@ class ReplyHub:
 
 @dataclass
 class Relay:
-    """Which of a request's events to pass on, given re-runs (attempt + 1) and repeats.
+    """Which of a request's events to pass on, given re-runs (attempt + 1), repeats and losses.
 
     Tokens are forwarded once per index, in order; a re-run's tokens at indexes already sent are
     compared with what was sent and dropped, or end the request if they differ. Events from an
-    attempt older than the newest seen are stale and dropped.
+    attempt older than the newest seen are stale and dropped. A token whose index skips one
+    (pub/sub lost a message) is held back with every later one of that attempt: a stream never
+    shows a hole. The final event fills the gap (`GenerationService.events`), or a re-run does.
     """
     attempt: int = 0
     last_index: int = -1
     sent_ids: list[int] = field(default_factory=list)
+    gap: bool = False  # a token was lost: later tokens of this attempt wait for the final event
 
     def accept(self, event: Event) -> Event | None:
         if event.attempt < self.attempt:
             return None
+        if event.attempt > self.attempt:
+            self.gap = False  # the re-run sends every index again, in order
         self.attempt = event.attempt
         if isinstance(event, ErrorEvent):
             return event
         if isinstance(event, TokenEvent) and event.index <= self.last_index:
-            sent = self.sent_ids[event.index]
-            if sent != -1 and sent != event.token.id:
+            if self.sent_ids[event.index] != event.token.id:
                 return ErrorEvent(event.request_id, event.attempt,
                                   "the re-run of this request diverged from the tokens already sent",
                                   "generation")
@@ -163,14 +167,16 @@ class Relay:
                               "the re-run of this request ended before the tokens already sent",
                               "generation")
         if isinstance(event, TokenEvent):
-            self.record(event.index, event.token.id)
+            if self.gap or event.index > self.last_index + 1:
+                self.gap = True
+                return None
+            self.record(event.token.id)
         return event
 
-    def record(self, index: int, token_id: int) -> None:
-        while len(self.sent_ids) < index:
-            self.sent_ids.append(-1)  # a gap: a token never seen (lost message), nothing to compare
+    def record(self, token_id: int) -> None:
+        """A token sent to the client: the next index."""
         self.sent_ids.append(token_id)
-        self.last_index = index
+        self.last_index += 1
 
 
 class Subscription:

@@ -95,7 +95,7 @@ def _spec(valid: ValidRequest, *, stream: bool) -> JobSpec:
     """TGI's request in the workers' terms: one job per best_of copy, each with its own seed."""
     seeds = (valid.sampling.seed,) if valid.seed_given else tuple(random_seed() for _ in range(valid.best_of))
     return JobSpec(input_ids=valid.input_ids, sampling=valid.sampling, stopping=valid.stopping, seeds=seeds,
-                   want_tokens=not stream and (valid.details or valid.best_of > 1),
+                   want_tokens=stream or valid.details or valid.best_of > 1,
                    want_prefill=not stream and valid.details)
 
 

@@ -43,7 +43,9 @@ class JobSpec:
     sampling: SamplingParams
     stopping: StoppingParams
     seeds: tuple[int, ...]
-    want_tokens: bool = False  # every generated Token in the FinalEvent (non-stream details, logprobs)
+    # every generated Token in the FinalEvent: non-stream details and logprobs, and every stream (its
+    # final event fills any token event pub/sub lost)
+    want_tokens: bool = False
     want_prefill: bool = False  # prompt logprobs (TGI's non-stream details)
 
 
@@ -94,8 +96,9 @@ class GenerationService:
         """Every job's events in arrival order until each has ended; None after min(`tick_s`, 1 s) of
         silence (the client's socket is looked at every second).
 
-        Each token index is passed on once per job (re-runs and repeats dropped); tokens lost in
-        transit are recovered from the final event when it carries them. Raises the ServiceError of
+        Each token index is passed on once per job, in order (re-runs and repeats dropped); tokens
+        lost in transit, and those after them, come out of the final event's tokens, or the request
+        fails with LostTokens (incomplete_generation): never a hole. Raises the ServiceError of
         the first failed job, IncompleteGeneration past the deadline, Unavailable when Redis drops,
         ClientGone when `client_gone()` turns true. With `tokens=False` only final events come out.
         """
@@ -141,9 +144,17 @@ class GenerationService:
         self.hub.unregister(sub.request_ids)
 
 
+class LostTokens(IncompleteGeneration):
+    """Tokens of a stream were lost in transit and its final event cannot fill the gap."""
+
+
 def _recovered(relay: Relay, final: FinalEvent) -> Iterator[TokenEvent]:
-    """Token events lost in transit (a dropped subscription), rebuilt from the final event's tokens."""
-    for index in range(relay.last_index + 1, final.index):
-        if index < len(final.tokens):
-            relay.record(index, final.tokens[index].id)
-            yield TokenEvent(final.request_id, final.attempt, index, final.tokens[index])
+    """Token events lost in transit (a dropped subscription, a missed pub/sub message) or held back
+    behind such a loss, rebuilt in order from the final event's tokens; raises LostTokens when the
+    final event does not carry them (the stream ends with an error rather than with a hole)."""
+    missing = range(relay.last_index + 1, final.index)
+    if missing and len(final.tokens) < final.index:
+        raise LostTokens()
+    for index in missing:
+        relay.record(final.tokens[index].id)
+        yield TokenEvent(final.request_id, final.attempt, index, final.tokens[index])

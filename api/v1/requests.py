@@ -235,7 +235,7 @@ def plan(model: ServedModel, request: V1Request) -> Planned:
             valid.sampling, frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
             top_n_tokens=s.top_logprobs or 0)
         specs.append(JobSpec(input_ids=valid.input_ids, sampling=sampling, stopping=valid.stopping,
-                             seeds=_seeds(s.n, s.seed), want_tokens=s.top_logprobs is not None))
+                             seeds=_seeds(s.n, s.seed), want_tokens=request.stream or s.top_logprobs is not None))
     return Planned(specs=specs)
 
 

@@ -37,12 +37,23 @@ def test_divergent_rerun_is_an_error() -> None:
     assert isinstance(out, ErrorEvent) and out.error_type == "generation"
 
 
-def test_gap_is_not_divergence() -> None:
+def test_a_gap_holds_back_every_later_token_of_the_attempt() -> None:
+    relay = Relay()
+    assert relay.accept(token(0, 10)) is not None
+    assert relay.accept(token(2, 12)) is None  # index 1 was lost in transit
+    assert relay.accept(token(3, 13)) is None
+    assert relay.sent_ids == [10] and relay.gap
+    assert relay.accept(final(4)) is not None  # the final event fills the gap (GenerationService.events)
+
+
+def test_a_rerun_clears_the_gap() -> None:
     relay = Relay()
     relay.accept(token(0, 10))
-    relay.accept(token(2, 12))  # index 1 was lost in transit
-    assert relay.sent_ids == [10, -1, 12]
-    assert relay.accept(token(1, 55, attempt=1)) is None
+    relay.accept(token(2, 12))
+    assert relay.accept(token(0, 10, attempt=1)) is None  # already sent
+    assert relay.accept(token(1, 11, attempt=1)) is not None
+    assert relay.accept(token(2, 12, attempt=1)) is not None
+    assert relay.sent_ids == [10, 11, 12] and not relay.gap
 
 
 def test_final_before_what_was_sent_is_an_error() -> None:

@@ -117,7 +117,8 @@ def test_stream_sse_bytes(harness: Harness) -> None:
     assert resp.headers["x-accel-buffering"] == "no"
     assert "x-total-time" not in resp.headers
     job = harness.pop_job()
-    assert job.want_tokens is False and job.want_prefill is False
+    # a stream's final event carries every token (it fills what pub/sub may lose); no prompt logprobs
+    assert job.want_tokens is True and job.want_prefill is False
     for event in script_tokens(TOKENS, " hello world", reason=FinishReason.EOS_TOKEN, seed=None)(job):
         harness.publish(job, event)
     body = b"".join(sse_chunks(resp))
@@ -314,3 +315,40 @@ def test_stream_lost_tokens_are_filled_from_the_final_event(harness: Harness) ->
     harness.publish(job, dataclasses.replace(final, tokens=tuple(TOKENS)))
     texts = [json.loads(c[5:])["token"]["text"] for c in sse_chunks(resp)]
     assert texts == [" hello", " world", "</s>"]
+
+
+MORE = [tok(5, " hello"), tok(6, " world"), tok(7, " the"), tok(8, " a"), tok(2, "</s>", special=True)]
+
+
+def test_stream_never_shows_a_hole(harness: Harness) -> None:
+    """Index 1 is dropped on purpose: the tokens after it wait, and the final event fills the gap."""
+    resp = harness.client.post("/generate_stream", json={"inputs": "hello"}, buffered=False)
+    job = harness.pop_job()
+    for index in (0, 2, 3):  # 1 is lost in transit
+        harness.publish(job, TokenEvent(job.request_id, 0, index, MORE[index]))
+    harness.publish(job, final_for(job, MORE, " hello world the a"))
+    events = [json.loads(c[5:]) for c in sse_chunks(resp)]
+    assert [e["token"]["id"] for e in events] == [5, 6, 7, 8, 2]
+    assert events[-1]["generated_text"] == " hello world the a"
+
+
+def test_a_hole_the_final_event_cannot_fill_ends_the_stream_with_an_error(harness: Harness) -> None:
+    resp = harness.client.post("/generate_stream", json={"inputs": "hello"}, buffered=False)
+    job = harness.pop_job()
+    for index in (0, 2):
+        harness.publish(job, TokenEvent(job.request_id, 0, index, MORE[index]))
+    harness.publish(job, dataclasses.replace(final_for(job, MORE, " hello world the a"), tokens=()))
+    events = [json.loads(c[5:]) for c in sse_chunks(resp)]
+    assert [e.get("token", {}).get("id") for e in events] == [5, None]  # nothing after the gap is shown
+    assert events[-1] == {"error": "Incomplete generation", "error_type": "incomplete_generation"}
+
+
+def test_a_rerun_fills_a_gap_in_order(harness: Harness) -> None:
+    resp = harness.client.post("/generate_stream", json={"inputs": "hello"}, buffered=False)
+    job = harness.pop_job()
+    for index in (0, 2):  # attempt 0 loses index 1, then its worker dies
+        harness.publish(job, TokenEvent(job.request_id, 0, index, MORE[index]))
+    for index in range(4):
+        harness.publish(job, TokenEvent(job.request_id, 1, index, MORE[index]))
+    harness.publish(job, dataclasses.replace(final_for(job, MORE, " hello world the a"), attempt=1))
+    assert [json.loads(c[5:])["token"]["id"] for c in sse_chunks(resp)] == [5, 6, 7, 8, 2]
