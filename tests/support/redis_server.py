@@ -47,8 +47,10 @@ def supports_tls() -> bool:
 
 
 class RedisServer:
-    def __init__(self, port: int | None = None, password: str = "", tls_dir: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, password: str = "", tls_dir: Path | None = None,
+                 aof: bool = False) -> None:
         self.port = port or free_port()
+        self.aof = aof  # append-only file in self.dir, fsynced on every write: survives a kill
         self.password = password
         self.tls_dir = tls_dir  # from make_tls_files: serve TLS only (rediss://), verified against its CA
         self.dir = Path(tempfile.mkdtemp(prefix="tgq-redis-"))
@@ -66,7 +68,9 @@ class RedisServer:
         if exe is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.dir)]
+                "--appendonly", "yes" if self.aof else "no", "--dir", str(self.dir)]
+        if self.aof:
+            args += ["--appendfsync", "always"]
         if self.tls_dir is not None:
             t = self.tls_dir
             args[1:3] = ["--port", "0", "--tls-port", str(self.port)]
