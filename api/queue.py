@@ -5,6 +5,8 @@ Jobs carry only JSON (RQ's JSONSerializer): `args=[GenerationJob.to_dict()]`, jo
 """
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Sequence
 
 import redis
@@ -19,6 +21,7 @@ from common.schemas import GenerationJob
 class JobQueue:
     def __init__(self, client: redis.Redis, model_id: str, *, job_timeout_s: float) -> None:
         self.redis = client
+        self.model_id = model_id
         self.queue = Queue(protocol.queue_name(model_id), connection=client, serializer=JSONSerializer)
         self.job_timeout_s = max(1, int(job_timeout_s))
 
@@ -38,7 +41,17 @@ class JobQueue:
         the limit by at most the number of concurrent enqueuers, never by a backlog.
         """
         if self.waiting() + copies > max_queue_length:
+            self._record_overload()
             raise Overloaded()
+
+    def _record_overload(self) -> None:
+        """Note this 429 for `tgq status` (the last minute's count); costs only refused requests."""
+        key, now = protocol.overloaded_key(self.model_id), time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(key, {uuid.uuid4().hex: now})
+        pipe.zremrangebyscore(key, 0, now - protocol.OVERLOAD_WINDOW_S)
+        pipe.expire(key, 2 * protocol.OVERLOAD_WINDOW_S)
+        pipe.execute()
 
     def enqueue(self, jobs: Sequence[GenerationJob]) -> None:
         for job in jobs:

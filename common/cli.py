@@ -33,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     for cls in (RedisSettings, ModelSettings, LimitSettings, WorkerSettings):
         add_cli_args(worker, cls)
 
+    status = sub.add_parser("status", help="queues and workers as Redis sees them (like `rq info`)")
+    add_cli_args(status, RedisSettings)
+    status.add_argument("--json", action="store_true", help="one JSON object per reading")
+    status.add_argument("--watch", type=float, nargs="?", const=2.0, default=0.0,
+                        help="refresh every WATCH seconds (2 when given alone) until interrupted")
+
     bench = sub.add_parser("bench", help="load generator against a running server")
     bench.add_argument("--url", default="http://127.0.0.1:3000")
     bench.add_argument("--clients", type=int, default=8, help="concurrent streaming clients")
@@ -65,6 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             redis_url = args.redis_url or os.environ.get("TGQ_REDIS_URL") or None
             return run_serve(redis_url, from_cli_args(ServedModelsSettings, args), from_cli_args(LimitSettings, args),
                              from_cli_args(ApiSettings, args), from_cli_args(WorkerSettings, args))
+        if args.command == "status":
+            from .redis_client import connect
+            from .status import run_status
+
+            return run_status(connect(from_cli_args(RedisSettings, args)), as_json=args.json, watch=args.watch)
         if args.command == "bench":
             from bench.client import run_bench
 

@@ -133,3 +133,21 @@ def worker_batch_key(model_id: str, worker_name: str) -> str:
 
 def worker_batch_pattern(model_id: str) -> str:
     return f"{PREFIX}:batch:{model_id}:*"
+
+
+def worker_status_key(model_id: str, worker_name: str) -> str:
+    """Hash a worker rewrites about once a second for `tgq status` (host, rows, capacity, tok/s, at);
+    it expires when the worker dies."""
+    return f"{PREFIX}:worker:{model_id}:{worker_name}"
+
+
+def worker_status_pattern() -> str:
+    return f"{PREFIX}:worker:*"
+
+
+def overloaded_key(model_id: str) -> str:
+    """Sorted set of the times (epoch s) the API answered 429 for a model; trimmed to the last minute."""
+    return f"{PREFIX}:overloaded:{model_id}"
+
+
+OVERLOAD_WINDOW_S = 60

@@ -71,7 +71,8 @@ def run_worker(redis_settings: RedisSettings, model_settings: ModelSettings, lim
                             worker_ttl=max(30, 2 * settings.lease_ttl))
     rq_worker.lease_ttl = settings.lease_ttl
     retry_redis(rq_worker.register_birth, "register")
-    jobs = RedisJobs(connection, rq_worker, queue, source.model_id, max_attempts=settings.max_attempts)
+    jobs = RedisJobs(connection, rq_worker, queue, source.model_id, max_attempts=settings.max_attempts,
+                     capacity=settings.max_batch_size)
     metrics = EngineMetrics(max_batch_size=settings.max_batch_size)
     metrics.round_trips = round_trips
     jobs.take_metric_increments = metrics.take_increments

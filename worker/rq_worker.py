@@ -26,6 +26,8 @@ A refused publish tells the worker to drop that row silently: the re-run owns it
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
@@ -112,12 +114,35 @@ def attempt_of(rq_job: Job) -> int:
     return int((rq_job.meta or {}).get("attempt", 0))
 
 
+class StatusWriter:
+    """What `tgq status` shows of this worker, written into a step's pipeline at most once a second."""
+
+    EVERY_S = 1.0
+    TTL_S = 10
+
+    def __init__(self, key: str, model_id: str, capacity: int) -> None:
+        self.key = key
+        self.fixed = {"host": socket.gethostname(), "pid": os.getpid(), "model": model_id, "capacity": capacity}
+        self._tokens = 0  # generated since the last write
+        self._since = time.monotonic()
+
+    def write(self, pipe: redis.client.Pipeline, *, rows: int, tokens: int) -> None:
+        self._tokens += tokens
+        elapsed = time.monotonic() - self._since
+        if elapsed < self.EVERY_S:
+            return
+        pipe.hset(self.key, mapping={**self.fixed, "rows": rows, "tok_s": round(self._tokens / elapsed, 1),
+                                     "at": time.time()})
+        pipe.expire(self.key, self.TTL_S)
+        self._tokens, self._since = 0, time.monotonic()
+
+
 class RedisJobs:
     """RequestSource and EventSink for `worker.engine.Engine`, backed by one RQ queue."""
 
     def __init__(self, connection: redis.Redis, worker: BatchWorker, queue: Queue, model_id: str,
                  max_attempts: int = 3, renew_every_s: float = 1.0, reap_every_s: float = 2.0,
-                 batch_key_ttl_s: int = 10) -> None:
+                 batch_key_ttl_s: int = 10, capacity: int = 0) -> None:
         self.redis = connection
         self.worker = worker
         self.queue = queue
@@ -142,6 +167,7 @@ class RedisJobs:
         self.current_batch_size: Callable[[], int] = lambda: 0
         # Queue length read in each step's pipeline: while it is 0, fetch costs no round trip.
         self._waiting_hint = 1
+        self.status = StatusWriter(protocol.worker_status_key(model_id, worker.name), model_id, capacity)
 
     # ---- RequestSource -------------------------------------------------------------------
     def fetch(self, max_jobs: int) -> list[GenerationJob]:
@@ -236,7 +262,10 @@ class RedisJobs:
         self._maybe_reap()
         if self._stash:
             return
-        self.redis.set(self._batch_key, 0, ex=self._batch_key_ttl_s)  # idle: no rows held
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self._batch_key, 0, ex=self._batch_key_ttl_s)  # idle: no rows held
+            self.status.write(pipe, rows=0, tokens=0)
+            pipe.execute()
         popped = self.redis.blmove(self.queue.key, self.queue.intermediate_queue_key, max(1, int(timeout)))
         if popped is not None:
             self._stash.append(popped.decode())
@@ -297,6 +326,7 @@ class RedisJobs:
         if renewing:
             self._renew_leases(pipe, running)
         pipe.set(self._batch_key, batch_size, ex=self._batch_key_ttl_s)
+        self.status.write(pipe, rows=batch_size, tokens=sum(not isinstance(e, ErrorEvent) for e in events))
         self._add_metrics(pipe, increments)
         pipe.llen(self.queue.key)
         results = pipe.execute()
@@ -373,7 +403,7 @@ class RedisJobs:
                 for job_id in reversed(self._stash):  # at the head, in their original order
                     pipe.lrem(self.queue.intermediate_queue_key, 1, job_id)
                     pipe.lpush(self.queue.key, job_id)
-                pipe.delete(self._batch_key)
+                pipe.delete(self._batch_key, self.status.key)
                 pipe.execute()
             self._stash.clear()
 
