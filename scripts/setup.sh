@@ -20,6 +20,8 @@ need g++ g++
 # The playground page's test drives Debian's headless Chromium through its ChromeDriver.
 need chromium chromium
 need chromedriver chromium-driver
+# tests/unit/test_k8s.py renders deploy/k8s with `kubectl kustomize` (offline).
+need kubectl kubernetes-client
 
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
