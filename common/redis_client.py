@@ -1,9 +1,16 @@
-"""The one place that builds Redis clients (password and TLS come in through the URL)."""
+"""The one place that builds Redis clients (password and TLS come in through the URL).
+
+Besides redis:// and rediss://, a Sentinel URL names the sentinels and the monitored service:
+`redis+sentinel://[:password@]host:port[,host:port...]/service[/db]`; the client asks the sentinels
+for the current primary and asks again after a connection to it fails (a failover).
+"""
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.sentinel import Sentinel
 
 from .settings import RedisSettings
 
@@ -18,9 +25,34 @@ def connect(settings: RedisSettings, *, socket_timeout: float | None = 30.0,
     tgq wait at most a few seconds, so 30 s only bounds a dead server. RESP2 keeps RQ's replies
     in the shapes it expects.
     """
-    return redis.Redis.from_url(settings.redis_url, socket_timeout=socket_timeout,
-                                socket_connect_timeout=5.0, health_check_interval=10,
-                                max_connections=max_connections, protocol=2)
+    options: dict[str, Any] = dict(socket_timeout=socket_timeout, socket_connect_timeout=5.0,
+                                   health_check_interval=10, max_connections=max_connections, protocol=2)
+    if settings.redis_url.startswith(SENTINEL_SCHEME + "://"):
+        return _sentinel_primary(settings.redis_url, options)
+    return redis.Redis.from_url(settings.redis_url, **options)
+
+
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+class SentinelURLError(ValueError):
+    """A redis+sentinel:// URL without sentinels or a service name."""
+
+
+def _sentinel_primary(url: str, options: dict[str, Any]) -> redis.Redis:
+    parts = urlsplit(url)
+    hosts = []
+    for item in parts.netloc.rpartition("@")[2].split(","):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise SentinelURLError(f"{url!r}: sentinels must be host:port[,host:port...]")
+        hosts.append((host, int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise SentinelURLError(f"{url!r}: the path must be /service[/db]")
+    password = unquote(parts.password) if parts.password else None
+    sentinel = Sentinel(hosts, socket_timeout=options["socket_connect_timeout"])
+    return sentinel.master_for(path[0], db=int(path[1]) if len(path) == 2 else 0, password=password, **options)
 
 
 def count_round_trips(client: redis.Redis) -> Callable[[], int]:

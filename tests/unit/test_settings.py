@@ -41,3 +41,13 @@ def test_bad_pairs_are_refused(argv: list[str]) -> None:
 def test_to_cli_args_rebuilds_the_settings() -> None:
     s = ServedModelsSettings(model=("a", "b"), model_id=("A", "B"), cache_dir="/c")
     assert parse(to_cli_args(s)) == s
+
+
+@pytest.mark.parametrize("url", ["redis+sentinel://127.0.0.1/svc", "redis+sentinel://127.0.0.1:26379/",
+                                 "redis+sentinel://127.0.0.1:26379/svc/x"])
+def test_bad_sentinel_urls_are_refused(url: str) -> None:
+    from common.redis_client import SentinelURLError, connect
+    from common.settings import RedisSettings
+
+    with pytest.raises(SentinelURLError):
+        connect(RedisSettings(url))
