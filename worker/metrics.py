@@ -48,8 +48,9 @@ class _Histogram:
 class EngineMetrics(Collector):
     """Records batch figures once; exposes them as TGI-named families and as pending Redis hash increments."""
 
-    def __init__(self, max_batch_size: int, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, max_batch_size: int, registry: CollectorRegistry | None = None, model: str = "") -> None:
         self._lock = threading.Lock()
+        self.model = model  # exported as tgq_worker_info{model}: dashboards count workers per model with it
         self.current_size = 0
         self._next_size = _Histogram(batch_size_buckets(max_batch_size))
         self._counts = {(kind, m): 0 for kind in ("count", "success", "failure") for m in METHODS}
@@ -123,6 +124,11 @@ class EngineMetrics(Collector):
                         dur.add_sample(name, labels, value)
             if dur.samples:
                 yield dur
+        if self.model:
+            info = Metric("tgq_worker_info", "1 per live worker process, labelled with the model it serves",
+                          "gauge")
+            info.add_sample("tgq_worker_info", {"model": self.model}, 1.0)
+            yield info
         if self.round_trips is not None:
             trips = Metric("tgq_worker_redis_round_trips", "Redis round trips of this worker process "
                            "(a command or a whole pipeline is one)", "counter")
