@@ -22,6 +22,8 @@ need chromium chromium
 need chromedriver chromium-driver
 # tests/unit/test_k8s.py renders deploy/k8s with `kubectl kustomize` (offline).
 need kubectl kubernetes-client
+# tests/unit/test_dashboard.py checks the Prometheus config and evaluates the dashboard's queries with promtool.
+need promtool prometheus
 
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"

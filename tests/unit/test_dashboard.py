@@ -46,45 +46,25 @@ def _compose() -> dict:
 
 # -- what the dashboard queries is exported ------------------------------------------------------------
 
-class _FakeRedis:
-    """Just what Metrics.scrape reads: queue lengths, the batch hash, the workers' batch keys."""
+def _api_names(redis_url: str) -> set[str]:
+    """Sample names an API replica exports once traffic has been seen, serving two models (its
+    cluster-wide families read from a real Redis holding a waiting job, a worker's batch and the
+    batch hash)."""
+    import redis
 
-    def __init__(self, data: dict) -> None:
-        self.data = data
-
-    def pipeline(self, transaction: bool = True) -> _FakeRedis:
-        self._calls: list = []
-        return self
-
-    def llen(self, key: str) -> None:
-        self._calls.append(len(self.data.get(key, [])))
-
-    def hgetall(self, key: str) -> None:
-        self._calls.append(self.data.get(key, {}))
-
-    def execute(self) -> list:
-        return self._calls
-
-    def scan_iter(self, match: str, count: int = 0):
-        prefix = match.rstrip("*")
-        return [k for k in self.data if k.startswith(prefix)]
-
-    def mget(self, keys):
-        return [self.data[k] for k in keys]
-
-
-def _api_names() -> set[str]:
-    """Sample names an API replica exports once traffic has been seen, serving two models."""
     from common import protocol
 
+    client = redis.Redis.from_url(redis_url)
+    client.rpush("q1", "a")
+    client.set(protocol.worker_batch_key("m1", "w1"), 3)
+    client.hset(protocol.batch_metrics_key("m1"), "inference_count:decode", 2)
     m = Metrics(LimitSettings())
     m.request_count.inc()
     m.failure("validation")
     m.validated(3, 10, 1)
     m.succeeded(Timing(start=100.0, enqueued=100.001, batched=100.01, end=100.2), 4)
-    client = _FakeRedis({"q1": ["a"], "q2": [], protocol.worker_batch_key("m1", "w1"): b"3",
-                         protocol.batch_metrics_key("m1"): {b"inference_count:decode": b"2"}})
     text = m.scrape(client, [("m1", "q1"), ("m2", "q2")]).decode()
+    client.close()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 
 
@@ -100,8 +80,8 @@ def _worker_names() -> set[str]:
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 
 
-def test_every_metric_the_dashboard_queries_is_exported_by_the_job_it_selects():
-    exported = {"tgq-api": _api_names(), "tgq-worker": _worker_names()}
+def test_every_metric_the_dashboard_queries_is_exported_by_the_job_it_selects(redis_url):
+    exported = {"tgq-api": _api_names(redis_url), "tgq-worker": _worker_names()}
     seen = set()
     for title, expr in _targets():
         names = re.findall(r"\b((?:tgi|tgq)_[a-z0-9_]+)", expr)
