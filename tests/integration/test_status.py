@@ -40,7 +40,7 @@ def test_status_shows_the_queue_the_429s_and_the_workers(redis_url, tiny_model_d
             refused = [requests.post(stack.url + "/generate", json={"inputs": "x"}, timeout=30).status_code
                        for _ in range(3)]
             assert refused == [429] * 3
-            time.sleep(1.2)
+            time.sleep(1.2)  # so the waiting job has a measurable age below
             models = status_json(redis_url)["models"]
             assert [(m["model"], m["waiting"], m["overloaded_last_minute"], m["workers"]) for m in models] == [
                 (MODEL_ID, 1, 3, 0)]
@@ -67,7 +67,6 @@ def test_status_shows_the_queue_the_429s_and_the_workers(redis_url, tiny_model_d
         assert "32" in text.stdout and "429s/min" in text.stdout
     finally:
         stack.stop()
-    time.sleep(0.5)
     assert status_json(redis_url)["workers"] == []  # a worker that stopped removes its row
 
 

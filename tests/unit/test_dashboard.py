@@ -2,7 +2,7 @@
 
 Every metric the dashboard queries is exported by the job it selects (API or worker); the PromQL parses
 and, run by Prometheus's own engine (`promtool test rules`), combines replicas without double counting.
-The promtool checks are skipped where promtool is missing (Debian: `apt-get install prometheus`)."""
+promtool comes from Debian's prometheus package (scripts/setup.sh installs it)."""
 from __future__ import annotations
 
 import json
@@ -28,8 +28,10 @@ COMPOSE = ROOT / "docker-compose.yml"
 JOBS = ("tgq-api", "tgq-worker")
 SELECTOR = re.compile(r'\b((?:tgi|tgq)_[a-z0-9_]+)\{([^}]*)\}')
 
-needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
-                                    reason="promtool not installed (Debian package `prometheus`)")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    assert path, "promtool is missing (scripts/setup.sh installs Debian's prometheus)"
+    return path
 
 
 def _dashboard() -> dict:
@@ -150,9 +152,8 @@ def test_monitoring_profile_adds_prometheus_and_grafana_only():
     assert grafana_mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
 
 
-@needs_promtool
 def test_promtool_accepts_the_prometheus_config():
-    result = subprocess.run(["promtool", "check", "config", str(PROMETHEUS)], capture_output=True, text=True, check=False)
+    result = subprocess.run([promtool(), "check", "config", str(PROMETHEUS)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -160,13 +161,12 @@ def _grafana_to_promql(expr: str) -> str:
     return expr.replace("$__rate_interval", "5m")
 
 
-@needs_promtool
 def test_promtool_parses_every_panel_query(tmp_path):
     rules = {"groups": [{"name": "dashboard", "rules": [
         {"record": f"panel_{i}", "expr": _grafana_to_promql(expr)} for i, (_, expr) in enumerate(_targets())]}]}
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump(rules))
-    result = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, check=False)
+    result = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -174,7 +174,6 @@ def _expr(title: str, ref: int = 0) -> str:
     return _grafana_to_promql([e for t, e in _targets() if t == title][ref])
 
 
-@needs_promtool
 def test_prometheus_evaluates_the_panels_without_double_counting(tmp_path):
     """Two API replicas (each repeating the cluster-wide gauges) and two workers, as Prometheus's engine
     sees them: gauges the replicas repeat count once, per-process counters and worker families add up."""
@@ -211,5 +210,5 @@ def test_prometheus_evaluates_the_panels_without_double_counting(tmp_path):
     path = tmp_path / "test.yml"
     path.write_text(yaml.safe_dump({"rule_files": [], "evaluation_interval": "1m",
                                     "tests": [{"interval": "1m", **c} for c in cases]}))
-    result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, check=False, cwd=tmp_path)
+    result = subprocess.run([promtool(), "test", "rules", str(path)], capture_output=True, text=True, check=False, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
