@@ -7,6 +7,7 @@ of `GenerationService.events` into their own response format. No Flask here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import uuid
 from dataclasses import dataclass
@@ -62,9 +63,13 @@ class Submission:
     def request_ids(self) -> list[str]:
         return [job.request_id for job in self.jobs]
 
+    @functools.cached_property
+    def _choices(self) -> dict[str, int]:
+        return {job.request_id: i for i, job in enumerate(self.jobs)}
+
     def choice(self, event: Event) -> int:
         """Which of the submission's jobs (in submission order) an event belongs to."""
-        return self.request_ids.index(event.request_id)
+        return self._choices[event.request_id]
 
 
 class GenerationService:
@@ -120,8 +125,8 @@ class GenerationService:
                 continue
             if isinstance(event, TokenEvent) and not tokens:
                 continue  # nothing of it reaches this client: only the outcome matters
-            relay = sub.relays.get(event.request_id)
-            accepted = relay.accept(event) if relay is not None else None
+            relay = sub.relays[event.request_id]  # the hub hands out only this submission's events
+            accepted = relay.accept(event)
             if accepted is None:
                 continue
             if isinstance(accepted, ErrorEvent):

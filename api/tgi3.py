@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from .errors import JSON
 from .handlers import state
 from .models import ServedModel
-from .parsing import JSON_CONTENT_TYPE_MSG, Rejection, is_json_content_type, parse_request
+from .parsing import parse_request
 from .v1.requests import chat_request, load_body
 from .v1.routes import render_chat
 
@@ -42,10 +42,7 @@ def info() -> Response:
 def tokenize() -> Response:
     """A generate request's prompt as TGI tokenizes it: `[{"id", "text", "start", "stop"}]`, offsets in
     characters of `inputs`, after `truncate`."""
-    content_type = request.headers.get("Content-Type")
-    if not is_json_content_type(content_type):
-        raise Rejection(415, JSON_CONTENT_TYPE_MSG)
-    raw = parse_request(request.get_data(cache=False), content_type)
+    raw = parse_request(request.get_data(cache=False), request.headers.get("Content-Type"))
     tokens = _tokens(state().models.default.tokenizer, raw.inputs, add_special_tokens=True)
     truncate = raw.parameters.truncate
     if truncate is not None and 0 < truncate < len(tokens):

@@ -219,13 +219,7 @@ def figures(main_load: dict[str, Any], main_idle: dict[str, Any], short_load: di
 def median_figures(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The median over rounds of every figure the table prints."""
     def med(get: Any) -> float | None:
-        vals = []
-        for r in rounds:
-            try:
-                vals.append(get(r))
-            except (KeyError, TypeError):
-                continue
-        return stats.median(vals)
+        return stats.median_over(rounds, get)
 
     out: dict[str, Any] = {"rounds": len(rounds), "tokens_per_s": med(lambda r: r["tokens_per_s"])}
     for group in ("per_token", "per_request", "per_second_idle", "gross_per_token", "gross_per_request"):

@@ -5,7 +5,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -30,6 +30,17 @@ def median(values: Iterable[float | None]) -> float | None:
     """Median of the values that are not None (None when there are none)."""
     present = [v for v in values if v is not None]
     return percentile(present, 50) if present else None
+
+
+def median_over(rows: Iterable[Any], get: Callable[[Any], float | None]) -> float | None:
+    """Median of `get(row)` over the rows that have the figure (a KeyError or TypeError: not there)."""
+    values = []
+    for row in rows:
+        try:
+            values.append(get(row))
+        except (KeyError, TypeError):
+            continue
+    return median(values)
 
 
 def summarize(values: Sequence[float]) -> dict[str, float | int | None]:

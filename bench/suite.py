@@ -170,13 +170,7 @@ def _measure_llama(args: argparse.Namespace, server: LlamaCppServer, concurrenci
 def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The headline figures as medians over runs, plus every run's full summary."""
     def med(get: Any) -> float | None:
-        vals = []
-        for r in runs:
-            try:
-                vals.append(get(r))
-            except (KeyError, TypeError):
-                vals.append(None)
-        return stats.median(vals)
+        return stats.median_over(runs, get)
 
     return {
         "tokens_per_s": med(lambda r: r["tokens_per_s"]),

@@ -79,16 +79,18 @@ class Envelope:
 
     def __post_init__(self) -> None:
         self.id = self.id or f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
-
-    def head(self, kind: str) -> dict[str, Any]:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "system_fingerprint": FINGERPRINT}
+        shared = {"id": self.id, "created": self.created, "model": self.model, "system_fingerprint": FINGERPRINT}
+        # the leading fields of the whole body and of every stream chunk, built once per response
+        self._body_head = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                           **shared}
+        self._chunk_head = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                            **shared}
 
     # non-stream ---------------------------------------------------------------------------
 
     def body(self, finals: Sequence[FinalEvent], prompt_tokens: int, logprobs: bool) -> dict[str, Any]:
         choices = [self._choice(i, f, logprobs) for i, f in enumerate(finals)]
-        return {**self.head("chat.completion" if self.chat else "text_completion"), "choices": choices,
+        return {**self._body_head, "choices": choices,
                 "usage": usage(prompt_tokens, sum(f.generated_tokens for f in finals))}
 
     def _choice(self, index: int, final: FinalEvent, logprobs: bool) -> dict[str, Any]:
@@ -112,11 +114,11 @@ class Envelope:
         else:
             lp = completion_logprobs([token], offset) if logprobs and token is not None else None
             choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
-        out = {**self.head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
+        out = {**self._chunk_head, "choices": [choice]}
         if with_usage:
             out["usage"] = None  # OpenAI: every chunk carries the field; only the last has the figures
         return sse(out)
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
-        return sse({**self.head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
+        return sse({**self._chunk_head, "choices": [],
                     "usage": usage(prompt_tokens, completion_tokens)})

@@ -20,14 +20,13 @@ from ..models import ServedModel
 from ..service import Submission
 from ..state import TgqState
 from ..streaming import StreamHooks, guarded, keepalives
-from .errors import InvalidRequest, openai_error
+from .errors import JSON, InvalidRequest, openai_error
 from .requests import Planned, V1Request, chat_request, choices, completion_request, load_body, plan
 from .responses import DONE, Envelope, finish_reason, piece, sse
 
 bp = Blueprint("v1", __name__)
 
 GUARDED_ENDPOINTS = frozenset({"v1.chat_completions", "v1.completions", "v1.models"})
-JSON = "application/json"
 SSE_TYPE = "text/event-stream"
 KEEPALIVE = b": keep-alive\n\n"
 
@@ -94,12 +93,13 @@ def _serve(st: TgqState, model: ServedModel, req: V1Request, *, chat: bool) -> R
     return Response(orjson.dumps(envelope.body(finals, planned.prompt_tokens, logprobs)), content_type=JSON)
 
 
-def last_piece(final: FinalEvent, sent: str) -> str:
+def last_piece(final: FinalEvent, sent: list[str]) -> str:
     """The final chunk's text: the rest of the whole answer after what was sent. It differs from the
     last token's own text when generation stopped inside a multi-byte character, whose bytes the
     worker's incremental decoder held back (the whole answer ends in U+FFFD there, as a full decode)."""
-    if final.generated_text.startswith(sent):
-        return final.generated_text[len(sent):]
+    text = "".join(sent)
+    if final.generated_text.startswith(text):
+        return final.generated_text[len(text):]
     return piece(final.token)
 
 
@@ -110,30 +110,27 @@ def _stream(events: Iterable[TokenEvent | FinalEvent | None], sub: Submission, e
     last token's chunk; then the usage chunk when asked for, then `data: [DONE]`."""
     def body() -> Iterator[bytes]:
         started: set[int] = set()
-        sent = [""] * len(sub.jobs)  # each choice's text sent so far
+        sent: list[list[str]] = [[] for _ in sub.jobs]  # each choice's pieces sent so far
+        offsets = [0] * len(sub.jobs)  # and their length (completions' text_offset)
         finals: list[FinalEvent] = []
         for item in keepalives(events, keepalive_s, KEEPALIVE):
             if isinstance(item, bytes):
                 yield item
                 continue
-            if item is None:
-                continue
             i = sub.choice(item)
             if envelope.chat and i not in started:
                 started.add(i)
                 yield envelope.chunk(i, None, role=True, with_usage=include_usage)
-            if isinstance(item, FinalEvent):
+            last = isinstance(item, FinalEvent)
+            if last:
                 finals.append(item)
                 if len(finals) == len(sub.jobs):
                     hooks.succeeded(finals)  # before the last chunk: a client gone after it is no drop
-                text = last_piece(item, sent[i])
-                yield envelope.chunk(i, item.token, text=text, logprobs=logprobs, offset=len(sent[i]),
-                                     reason=finish_reason(item), with_usage=include_usage)
-            else:
-                text = piece(item.token)
-                yield envelope.chunk(i, item.token, text=text, logprobs=logprobs, offset=len(sent[i]),
-                                     with_usage=include_usage)
-            sent[i] += text
+            text = last_piece(item, sent[i]) if last else piece(item.token)
+            yield envelope.chunk(i, item.token, text=text, logprobs=logprobs, offset=offsets[i],
+                                 reason=finish_reason(item) if last else None, with_usage=include_usage)
+            sent[i].append(text)
+            offsets[i] += len(text)
         if include_usage:
             yield envelope.usage_chunk(planned.prompt_tokens, sum(f.generated_tokens for f in finals))
         yield DONE
