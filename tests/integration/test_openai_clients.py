@@ -478,3 +478,19 @@ def test_huggingface_hub_endpoint_info(stack):
     assert info["max_total_tokens"] == 1512 and info["max_input_tokens"] == 1000
     assert info["max_best_of"] == 2 and info["max_stop_sequences"] == 4
     assert info["max_concurrent_requests"] == 128
+
+
+def test_redis_down_and_a_body_too_large_raise_the_sdks_classes(tiny_model_dir):
+    """503 (Redis unreachable) is an InternalServerError, 413 an APIStatusError with that status."""
+    api, url = start_api("redis://127.0.0.1:1/0", tiny_model_dir, "--model-id", MODEL_ID, "--max-body-bytes", "300")
+    try:
+        wait_http(url, [api])  # /metrics answers without Redis (its Redis families left out)
+        with pytest.raises(openai.InternalServerError) as down:
+            chat(client(url), max_tokens=2)
+        assert down.value.status_code == 503 and down.value.body["code"] == "service_unavailable"
+        with pytest.raises(openai.APIStatusError) as large:
+            client(url).chat.completions.create(model=MODEL_ID, max_tokens=2,
+                                                messages=[{"role": "user", "content": "x" * 400}])
+        assert large.value.status_code == 413 and large.value.body["code"] == "request_too_large"
+    finally:
+        api.stop()
