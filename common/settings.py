@@ -196,6 +196,11 @@ class WorkerSettings:
     lease_ttl: int = _opt(15, "seconds a job stays leased without renewal before another process re-queues it")
     max_attempts: int = _opt(3, "runs of a job (first + re-runs after worker deaths) before it fails")
     grace_period: float = _opt(30.0, "on SIGTERM: seconds to finish the running batch before handing it back")
+    orphan_grace_s: float = _opt(12.0, "seconds a reply channel may have no subscriber (its API process gone) before "
+                                       "the rows replying to it are dropped and recorded as canceled; longer than a "
+                                       "Redis blip, a resubscription or a Sentinel failover")
+    load_test_tokens_per_s: float = _opt(0.0, "LOAD TESTING ONLY: load no model; emit placeholder tokens at this rate "
+                                              "per row through the real protocol (0: off, the real model runs)")
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -210,6 +215,8 @@ class WorkerSettings:
             raise SettingsError("`lease_ttl` must be >= 2 and `max_attempts` >= 1")
         if self.waiting_served_ratio < 0:
             raise SettingsError("`waiting_served_ratio` must be >= 0")
+        if self.orphan_grace_s <= 0 or self.load_test_tokens_per_s < 0:
+            raise SettingsError("`orphan_grace_s` must be > 0 and `load_test_tokens_per_s` >= 0")
 
 
 def to_cli_args(settings: Any) -> list[str]:
