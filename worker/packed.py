@@ -23,7 +23,14 @@ def prepacking_available(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
         return False
     ops = torch.ops.mkldnn
-    return hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
+    if not (hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")):
+        return False
+    try:  # oneDNN's bf16 path needs avx512bw/vl/dq or avx_ne_convert; other CPUs raise here
+        ops._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+    except RuntimeError as exc:
+        log.info("no prepacked bf16 linears on this CPU: %s", str(exc).splitlines()[0])
+        return False
+    return True
 
 
 class PackedLinear(nn.Module):
