@@ -1,6 +1,8 @@
 """Worker -> API replies: one pub/sub subscription per API process, events handed out by request id.
 
-Every job names this process's channel in `reply_to`. One reader thread (a greenlet under
+Every job names this process's channel in `reply_to`; a worker sends it one message per step with
+all of this process's rows' events (older workers: one per event), and this process keeps a
+presence key alive beside it so workers can tell its queued jobs from those of a dead process. One reader thread (a greenlet under
 gunicorn's gevent worker, which patches `threading` and `queue`) reads that channel and puts each
 decoded event on the queue of the request it belongs to. A request registers before its job is
 enqueued, and `register` returns only once the subscription is live, so no event can be missed
@@ -43,6 +45,7 @@ class ReplyHub:
         self.redis = client
         self.instance_id = instance_id or new_instance_id()
         self.channel = protocol.reply_channel(self.instance_id)
+        self.presence = protocol.presence_key(self.channel)
         self._queues: dict[str, queue.Queue[Event]] = {}
         self._lock = threading.Lock()
         self._ready = threading.Event()
@@ -63,6 +66,10 @@ class ReplyHub:
 
     def close(self) -> None:
         self._stop.set()
+        try:
+            self.redis.delete(self.presence)  # workers stop its queued jobs at once, not after the TTL
+        except (redis.exceptions.RedisError, OSError):
+            pass
         if self._thread is not None and self._thread.is_alive():
             try:
                 self.redis.publish(self.channel, b"")  # wake the reader now rather than at its next poll
@@ -95,15 +102,17 @@ class ReplyHub:
                 self._queues.pop(rid, None)
 
     def dispatch(self, data: bytes) -> None:
+        """Hand each event of one message (a worker's step for this process, or one v1 event) to its request."""
         try:
-            event = protocol.decode_event(data)
+            events = protocol.decode_message(data)
         except protocol.ProtocolError as exc:
-            log.warning("dropping a reply that is not a tgq event: %s", exc)
+            log.warning("dropping a reply that is not a tgq message: %s", exc)
             return
         with self._lock:
-            q = self._queues.get(event.request_id)
-        if q is not None:  # else: the request already ended (client gone, timeout, duplicate)
-            q.put(event)
+            queues = [(self._queues.get(event.request_id), event) for event in events]
+        for q, event in queues:
+            if q is not None:  # else: the request already ended (client gone, timeout, duplicate)
+                q.put(event)
 
     # reader ------------------------------------------------------------------------------------
 
@@ -112,11 +121,17 @@ class ReplyHub:
             pubsub = self.redis.pubsub()
             try:
                 pubsub.subscribe(self.channel)
+                renewed = 0.0
                 while not self._stop.is_set():
+                    if self._ready.is_set() and time.monotonic() - renewed >= protocol.PRESENCE_EVERY_S:
+                        self._renew_presence()
+                        renewed = time.monotonic()
                     message = pubsub.get_message(timeout=1.0)
                     if message is None:
                         continue
                     if message["type"] == "subscribe":
+                        self._renew_presence()  # before any job of this process is enqueued
+                        renewed = time.monotonic()
                         self._ready.set()
                     elif message["type"] == "message" and message["data"]:
                         self.dispatch(message["data"])
@@ -131,6 +146,11 @@ class ReplyHub:
                 except (redis.exceptions.RedisError, OSError):
                     pass
         self._ready.clear()
+
+
+    def _renew_presence(self) -> None:
+        """Tell workers this process is alive: they skip queued jobs of a process whose key is gone."""
+        self.redis.set(self.presence, b"1", ex=protocol.PRESENCE_TTL_S)
 
 
 @dataclass

@@ -69,6 +69,9 @@ class StoppingParams:
         return cls(max_new_tokens=int(d["max_new_tokens"]), stop=tuple(str(s) for s in d["stop"]))
 
 
+JOB_VERSION = 2  # the newest job format this code writes and runs (see common.protocol)
+
+
 @dataclass(frozen=True)
 class GenerationJob:
     """One sequence to generate. best_of > 1 becomes several jobs with their own ids and seeds."""
@@ -81,13 +84,16 @@ class GenerationJob:
     want_prefill: bool = False  # compute prompt logprobs (non-stream details)
     attempt: int = 0  # incremented each time the job is re-run after a worker died
     enqueued_at: float = 0.0  # epoch seconds, set by the API
+    # Job format version (common.protocol: JOB_VERSION); a job without "v" is a v1 job, from an API
+    # of the previous release, which reads one event per message.
+    version: int = JOB_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         return {"request_id": self.request_id, "input_ids": list(self.input_ids),
                 "sampling": self.sampling.to_dict(), "stopping": self.stopping.to_dict(),
                 "reply_to": self.reply_to, "want_tokens": self.want_tokens,
                 "want_prefill": self.want_prefill, "attempt": self.attempt,
-                "enqueued_at": self.enqueued_at}
+                "enqueued_at": self.enqueued_at, "v": self.version}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GenerationJob:
@@ -96,7 +102,8 @@ class GenerationJob:
                    stopping=StoppingParams.from_dict(d["stopping"]), reply_to=str(d["reply_to"]),
                    want_tokens=bool(d.get("want_tokens", False)),
                    want_prefill=bool(d.get("want_prefill", False)),
-                   attempt=int(d.get("attempt", 0)), enqueued_at=float(d.get("enqueued_at", 0.0)))
+                   attempt=int(d.get("attempt", 0)), enqueued_at=float(d.get("enqueued_at", 0.0)),
+                   version=int(d.get("v", 1)))
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def run_worker(redis_settings: RedisSettings, model_settings: ModelSettings, lim
     rq_worker.lease_ttl = settings.lease_ttl
     retry_redis(rq_worker.register_birth, "register")
     jobs = RedisJobs(connection, rq_worker, queue, source.model_id, max_attempts=settings.max_attempts,
-                     capacity=settings.max_batch_size)
+                     capacity=settings.max_batch_size, orphan_grace_s=settings.orphan_grace_s)
     metrics = EngineMetrics(max_batch_size=settings.max_batch_size, model=source.model_id)
     metrics.round_trips = round_trips
     jobs.take_metric_increments = metrics.take_increments

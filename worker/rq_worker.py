@@ -8,8 +8,10 @@ rq-dashboard tell the truth — and drives those transitions itself:
   fetch:    one script moves waiting job ids to RQ's intermediate queue, claims them and reads
             their hashes and cancel flags; one script call marks them all started, each only if its
             claim still holds (`worker.rq_bookkeeping`).
-  step:     one pipeline per step publishes every row's events, renews the rows' leases (at most
-            once a second), reads their cancel flags and adds the batch metrics.
+  step:     one pipeline per step: one fenced script call publishes one message per API process
+            with its rows' events; the rows' cancel flags are read; leases are renewed, the batch
+            metrics and the status hash written, at most once a second. PUBLISH's subscriber counts
+            tell which API processes stopped listening (`Orphans`): their rows are dropped.
   finished: one pipeline records every row that left in the step: finished, failed or canceled.
 
 So a step costs at most five round trips however many jobs join or leave in it (take: 2; publish the
@@ -19,8 +21,8 @@ reaper every few seconds.
 A lease is the job's entry in RQ's started registry with a short expiry (`lease_ttl`); the reaper
 (`common.reaper`, run by every worker and API process) re-queues jobs whose lease expired because
 their worker died. A worker that was only stalled (SIGSTOP, a swapped-out host) cannot publish for
-a reaped job: every publish goes through a Redis script that first checks the lease (FENCED_PUBLISH,
-one call for all of a step's events).
+a reaped job: every publish goes through a Redis script that first checks the leases (FENCED_STEP,
+one ZMSCORE and one PUBLISH per API process for all of a step's events).
 A refused publish tells the worker to drop that row silently: the re-run owns it now.
 """
 from __future__ import annotations
@@ -44,7 +46,7 @@ from rq.worker import WorkerStatus
 from common import protocol
 from common.reaper import failure_reason, reap_expired, reap_stranded, success_result
 from common.redis_client import PipelinedScript
-from common.schemas import ErrorEvent, Event, FinalEvent, GenerationJob
+from common.schemas import JOB_VERSION, ErrorEvent, Event, FinalEvent, GenerationJob
 
 from .rq_bookkeeping import (CLAIMED_WRITES, TAKE_JOBS, ClaimedWrites, mark_canceled, mark_failed, mark_started,
                              mark_succeeded, restore_job)
@@ -89,25 +91,94 @@ def retry_redis(fn: Callable[[], T], what: str, stop: Callable[[], bool] = lambd
             delay = min(delay * 2, 5.0)
 
 
-# Publish (and store a final result) only while this worker's lease entry is still in the started
-# registry. Checked by Redis itself, so a worker that was stopped anywhere in its step (SIGSTOP,
-# a stalled host) can never send events for a job that a reaper has handed to another worker.
-# KEYS: the started registry, then (reply channel, result key) per event; ARGV: (execution key, data,
-# seconds to keep the result or 0) per event. Returns 1 per event published, 0 per event refused.
-FENCED_PUBLISH = """
-local sent = {}
-for i = 1, #ARGV / 3 do
-  local member, data, keep = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
-  if redis.call('ZSCORE', KEYS[1], member) then
-    redis.call('PUBLISH', KEYS[2 * i], data)
-    if keep ~= '0' then redis.call('SET', KEYS[2 * i + 1], data, 'EX', keep) end
-    sent[i] = 1
-  else
-    sent[i] = 0
+# One call per step for the whole batch. First the fence: one ZMSCORE over the started-registry entries
+# (leases) of every row with events. If any entry is gone (a reaper handed that job to another worker
+# while this one was stalled: SIGSTOP, a swapped-out host), nothing is published and the lost rows are
+# named, so the worker drops them and sends the step again without them. Else one PUBLISH per reply
+# message (one per API process: all of its rows' events), and the step's final results are stored.
+# Returns {1, subscriber count per message} or {0, lost flag per member}.
+# KEYS: the started registry, one reply channel per message, one result key per stored result.
+# ARGV: member count m, m members, message count p, p messages, the stored results' data.
+FENCED_STEP = """
+local m = tonumber(ARGV[1])
+if m > 0 then
+  local scores = redis.call('ZMSCORE', KEYS[1], unpack(ARGV, 2, m + 1))
+  local lost, any = {}, false
+  for i = 1, m do
+    if scores[i] then lost[i] = 0 else lost[i] = 1; any = true end
   end
+  if any then return {0, lost} end
 end
-return sent
-"""
+local p = tonumber(ARGV[m + 2])
+local counts = {}
+for i = 1, p do counts[i] = redis.call('PUBLISH', KEYS[i + 1], ARGV[m + 2 + i]) end
+for i = p + 2, #KEYS do redis.call('SET', KEYS[i], ARGV[m + 1 + i], 'EX', %d) end
+return {1, counts}
+""" % protocol.RESULT_TTL_S
+
+
+@dataclass
+class StepCall:
+    """KEYS and ARGV of one FENCED_STEP call, built from a step's events."""
+    keys: list[str]
+    args: list[Any]
+    members: list[str]  # request id of each fenced member, in ARGV order
+    channels: list[str]  # the channel of each message, in order
+
+
+def step_call(registry_key: str, events: list[Event], held: dict[str, "Running"]) -> StepCall:
+    """One message per channel for v2 jobs (all their events of the step, in order), one per event
+    for v1 jobs (an API of the previous release); results stored for final and error events."""
+    members: dict[str, str] = {}
+    grouped: dict[str, list[Event]] = {}
+    messages: list[tuple[str, bytes]] = []
+    results: list[tuple[str, bytes]] = []
+    for event in events:
+        running = held[event.request_id]
+        members.setdefault(event.request_id, running.execution.composite_key)
+        channel = running.job.reply_to
+        if running.job.version >= protocol.STEP_VERSION:
+            grouped.setdefault(channel, []).append(event)
+        else:
+            messages.append((channel, protocol.encode_event(event)))
+        if isinstance(event, (FinalEvent, ErrorEvent)):
+            results.append((protocol.result_key(event.request_id), protocol.encode_event(event)))
+    messages += [(channel, protocol.encode_step(step)) for channel, step in grouped.items()]
+    keys = [registry_key, *(c for c, _ in messages), *(k for k, _ in results)]
+    args: list[Any] = [len(members), *members.values(), len(messages), *(d for _, d in messages),
+                       *(d for _, d in results)]
+    return StepCall(keys, args, list(members), [c for c, _ in messages])
+
+
+class Orphans:
+    """Reply channels that no API process has listened to for longer than the grace period.
+
+    PUBLISH answers how many subscribers got each step's message. A channel that keeps answering 0
+    belongs to an API process that is gone (killed, OOM, rescheduled); its rows are dropped. The
+    grace period rides out a Redis blip, a resubscription and a Sentinel failover. An API process of
+    the previous release subscribes the same way, so it is never taken for dead while it listens."""
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self._silent_since: dict[str, float] = {}
+
+    def heard(self, channels: list[str], counts: list[int], now: float) -> set[str]:
+        """Record one step's subscriber counts; returns the channels silent for longer than the grace."""
+        listened: dict[str, bool] = {}
+        for channel, count in zip(channels, counts):
+            listened[channel] = listened.get(channel, False) or int(count) > 0
+        for channel, yes in listened.items():
+            if yes:
+                self._silent_since.pop(channel, None)
+            else:
+                self._silent_since.setdefault(channel, now)
+        return {c for c, since in self._silent_since.items() if now - since > self.grace_s}
+
+    def forget(self, live_channels: set[str]) -> None:
+        """Drop the record of channels no held row replies to any more."""
+        for channel in list(self._silent_since):
+            if channel not in live_channels:
+                del self._silent_since[channel]
 
 
 def attempt_of(rq_job: Job) -> int:
@@ -142,7 +213,7 @@ class RedisJobs:
 
     def __init__(self, connection: redis.Redis, worker: BatchWorker, queue: Queue, model_id: str,
                  max_attempts: int = 3, renew_every_s: float = 1.0, reap_every_s: float = 2.0,
-                 batch_key_ttl_s: int = 10, capacity: int = 0) -> None:
+                 batch_key_ttl_s: int = 10, capacity: int = 0, orphan_grace_s: float = 12.0) -> None:
         self.redis = connection
         self.worker = worker
         self.queue = queue
@@ -150,7 +221,11 @@ class RedisJobs:
         self.started_registry = StartedJobRegistry(queue.name, connection, serializer=JSONSerializer)
         self.held: dict[str, Running] = {}
         self.lost: set[str] = set()  # held jobs whose lease was reaped; dropped at the next step
-        self._fenced_publish = PipelinedScript(connection, FENCED_PUBLISH)
+        self._fenced_step = PipelinedScript(connection, FENCED_STEP)
+        self.orphans = Orphans(orphan_grace_s)
+        self._pending_increments: dict[str, float] = {}  # metrics added up between once-a-second writes
+        self._last_flush = 0.0
+        self._written_size: int | None = None
         self._claimed_writes = PipelinedScript(connection, CLAIMED_WRITES)
         self._stash: list[str] = []  # ids a blocking wait moved to the intermediate queue
         self._take_jobs = connection.register_script(TAKE_JOBS)
@@ -202,8 +277,9 @@ class RedisJobs:
         """Mark the taken jobs started (or cancelled, or failed) where this worker's claim still holds."""
         writes = ClaimedWrites(self.redis, self.worker.name)
         candidates: list[tuple[GenerationJob, Running] | None] = []
-        for raw_id, cancelled, fields in taken:
-            rq_job = restore_job(raw_id.decode(), fields, self.queue)
+        rq_jobs = [(restore_job(raw_id.decode(), fields, self.queue), cancelled) for raw_id, cancelled, fields in taken]
+        absent = self._absent_api_processes([rq_job for rq_job, _ in rq_jobs])
+        for rq_job, cancelled in rq_jobs:
             pipe = writes.for_job(rq_job.id)
             if cancelled:  # the client left (or its deadline passed) while it waited: never run it
                 mark_canceled(pipe, self.worker, self.queue, rq_job, None)
@@ -211,6 +287,12 @@ class RedisJobs:
                 continue
             job = self._decode(rq_job, pipe)
             if job is None:
+                candidates.append(None)
+                continue
+            if job.reply_to in absent:  # its API process died while it waited: nobody would read it
+                log.warning("job %s: its API process is gone (%s); recorded as canceled, not run",
+                            rq_job.id, job.reply_to)
+                mark_canceled(pipe, self.worker, self.queue, rq_job, None)
                 candidates.append(None)
                 continue
             execution = mark_started(pipe, self.worker, self.queue, rq_job, self.worker.lease_ttl)
@@ -234,6 +316,27 @@ class RedisJobs:
                 started.append(job)
         return started
 
+    def _absent_api_processes(self, rq_jobs: list[Job]) -> set[str]:
+        """Reply channels of v2 jobs whose API process's presence key is gone (one round trip).
+
+        A v1 job comes from an API of the previous release, which keeps no presence key: it is
+        started, and dropped later only if its channel stays silent (`Orphans`)."""
+        channels: set[str] = set()
+        for rq_job in rq_jobs:
+            try:
+                payload = rq_job.args[0]
+                if int(payload.get("v", 1)) >= protocol.STEP_VERSION and isinstance(payload["reply_to"], str):
+                    channels.add(payload["reply_to"])
+            except (DeserializationError, IndexError, KeyError, TypeError, ValueError, AttributeError):
+                continue  # _decode fails it with the reason
+        if not channels:
+            return set()
+        ordered = sorted(channels)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for channel in ordered:
+                pipe.exists(protocol.presence_key(channel))
+            return {c for c, yes in zip(ordered, pipe.execute()) if not yes}
+
     def _decode(self, rq_job: Job, pipe: redis.client.Pipeline) -> GenerationJob | None:
         """The job's payload, or None after failing it (a payload that is not a tgq job)."""
         raw: object = None
@@ -242,6 +345,9 @@ class RedisJobs:
             payload = dict(raw)  # type: ignore[call-overload]
             payload["attempt"] = attempt_of(rq_job)
             job = GenerationJob.from_dict(payload)
+            if job.version > JOB_VERSION:  # a newer API's job: its fields may mean more than this worker knows
+                raise ValueError(f"job format v{job.version} is newer than this worker runs (v{JOB_VERSION}); "
+                                 "upgrade the worker")
         except (DeserializationError, IndexError, KeyError, TypeError, ValueError) as exc:
             reason = f"invalid job payload: {exc!r}"
             log.error("job %s: %s", rq_job.id, reason)
@@ -264,7 +370,10 @@ class RedisJobs:
             return
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(self._batch_key, 0, ex=self._batch_key_ttl_s)  # idle: no rows held
+            self._written_size = 0
             self.status.write(pipe, rows=0, tokens=0)
+            if self._pending_increments:
+                self._flush_metrics(pipe)
             pipe.execute()
         popped = self.redis.blmove(self.queue.key, self.queue.intermediate_queue_key, max(1, int(timeout)))
         if popped is not None:
@@ -301,44 +410,62 @@ class RedisJobs:
         if batch_size is None:
             batch_size = self.current_batch_size()
 
-        return retry_redis(lambda: self._fenced_publish.retrying(
+        return retry_redis(lambda: self._fenced_step.retrying(
             lambda: self._step_done(events, running, increments, batch_size)), "step")
 
     def _step_done(self, events: list[Event], running: list[GenerationJob], increments: dict[str, float],
                    batch_size: int) -> set[str]:
-        renewing = time.monotonic() - self._last_renewal >= self._renew_every_s
-        pipe = self.redis.pipeline(transaction=False)
-        if running:  # first, so its reply is results[0]
-            pipe.mget([protocol.cancel_key(job.request_id) for job in running])
-        fenced: list[str] = []  # request id of each fenced publish, in script order
-        keys: list[str] = [self.started_registry.key]
-        args: list[Any] = []
-        for event in events:
-            held = self.held.get(event.request_id)
-            if held is None or event.request_id in self.lost:
-                continue
-            keep_s = protocol.RESULT_TTL_S if isinstance(event, (FinalEvent, ErrorEvent)) else 0
-            keys += [held.job.reply_to, protocol.result_key(event.request_id)]
-            args += [held.execution.composite_key, protocol.encode_event(event), keep_s]
-            fenced.append(event.request_id)
-        if fenced:
-            self._fenced_publish.queue(pipe, keys, args)
-        if renewing:
-            self._renew_leases(pipe, running)
-        pipe.set(self._batch_key, batch_size, ex=self._batch_key_ttl_s)
-        self.status.write(pipe, rows=batch_size, tokens=sum(not isinstance(e, ErrorEvent) for e in events))
-        self._add_metrics(pipe, increments)
-        pipe.llen(self.queue.key)
-        results = pipe.execute()
-        self._waiting_hint = int(results[-1])
-        flags = results.pop(0) if running else []
-        sent = results.pop(0) if fenced else []
-        refused = {rid for rid, ok in zip(fenced, sent) if not ok}
-        for rid in refused - self.lost:
-            log.warning("job %s: lease lost while this worker was stalled; its events were not sent", rid)
-        self.lost |= refused
+        now = time.monotonic()
+        renewing = now - self._last_renewal >= self._renew_every_s
+        for field, amount in increments.items():
+            self._pending_increments[field] = self._pending_increments.get(field, 0) + amount
+        flushing = now - self._last_flush >= self.status.EVERY_S
+        sendable = [e for e in events if e.request_id in self.held and e.request_id not in self.lost]
+        refused_now: set[str] = set()
+        while True:
+            call = step_call(self.started_registry.key, sendable, self.held)
+            pipe = self.redis.pipeline(transaction=False)
+            if running:  # first, so its reply is results[0]
+                pipe.mget([protocol.cancel_key(job.request_id) for job in running])
+            if call.members or call.channels:
+                self._fenced_step.queue(pipe, call.keys, call.args)
+            if renewing:
+                self._renew_leases(pipe, running)
+            if batch_size != self._written_size or flushing:  # a change, or once a second
+                pipe.set(self._batch_key, batch_size, ex=self._batch_key_ttl_s)
+                self._written_size = batch_size
+            self.status.write(pipe, rows=batch_size, tokens=sum(not isinstance(e, ErrorEvent) for e in events))
+            if flushing:
+                self._flush_metrics(pipe)
+            pipe.llen(self.queue.key)
+            results = pipe.execute()
+            renewing = flushing = False  # done in this round trip, whatever the fence said
+            self._waiting_hint = int(results[-1])
+            flags = results[0] if running else []
+            reply = results[1 if running else 0] if (call.members or call.channels) else [1, []]
+            if int(reply[0]) == 1:
+                break
+            refused = {rid for rid, lost in zip(call.members, reply[1]) if int(lost)}
+            for rid in refused - self.lost:
+                log.warning("job %s: lease lost while this worker was stalled; its events were not sent", rid)
+            self.lost |= refused
+            refused_now |= refused
+            sendable = [e for e in sendable if e.request_id not in refused]
         self._maybe_reap()
-        return refused | {job.request_id for job, flag in zip(running, flags) if flag is not None}
+        cancelled = {job.request_id for job, flag in zip(running, flags) if flag is not None}
+        return refused_now | cancelled | self._orphaned(call.channels, reply[1], running)
+
+    def _orphaned(self, channels: list[str], counts: list[int], running: list[GenerationJob]) -> set[str]:
+        """Rows whose API process has not listened for longer than the grace period: dropped."""
+        dead = self.orphans.heard(channels, counts, time.monotonic())
+        self.orphans.forget({job.reply_to for job in running})
+        if not dead:
+            return set()
+        orphans = {job.request_id for job in running if job.reply_to in dead}
+        if orphans:
+            log.warning("%d rows reply to API processes that stopped listening %.0f s ago (%s); dropped",
+                        len(orphans), self.orphans.grace_s, ", ".join(sorted(dead)))
+        return orphans
 
     def _maybe_reap(self) -> None:
         """Every few seconds, recover jobs of dead workers (any live worker does it)."""
@@ -349,7 +476,10 @@ class RedisJobs:
         if requeued:
             self._waiting_hint = 1  # jobs (maybe) went back on the queue
 
-    def _add_metrics(self, pipe: redis.client.Pipeline, increments: dict[str, float]) -> None:
+    def _flush_metrics(self, pipe: redis.client.Pipeline) -> None:
+        """The batch metrics added up since the last write, written at most once a second."""
+        self._last_flush = time.monotonic()
+        increments, self._pending_increments = self._pending_increments, {}
         key = protocol.batch_metrics_key(self.model_id)
         for field, amount in increments.items():
             if float(amount).is_integer():
@@ -404,6 +534,8 @@ class RedisJobs:
                     pipe.lrem(self.queue.intermediate_queue_key, 1, job_id)
                     pipe.lpush(self.queue.key, job_id)
                 pipe.delete(self._batch_key, self.status.key)
+                if self._pending_increments:
+                    self._flush_metrics(pipe)
                 pipe.execute()
             self._stash.clear()
 

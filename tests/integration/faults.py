@@ -54,9 +54,9 @@ class ReplyTap:
             message = self._pubsub.get_message(timeout=0.2)
             if message and message["type"] == "pmessage" and message["data"]:
                 marker = message["channel"] == MARK_CHANNEL.encode()
-                event = None if marker else protocol.decode_event(message["data"])
+                events = [None] if marker else protocol.decode_message(message["data"])
                 with self._lock:
-                    self.events.append((time.monotonic(), event))
+                    self.events += [(time.monotonic(), event) for event in events]
 
     def of(self, request_id: str) -> list[Event]:
         with self._lock:

@@ -31,7 +31,7 @@ def test_events_go_out_in_step_order_and_the_final_before_rq_records_it(conn):
     io.step_done([final(taken)], [])
     io.finished([(taken, final(taken))])
     io.close()
-    got = [protocol.decode_event(sub.get_message(timeout=1)["data"]) for _ in range(21)]
+    got = [e for _ in range(21) for e in protocol.decode_message(sub.get_message(timeout=1)["data"])]
     assert [e.index for e in got] == list(range(20)) + [final(taken).index]
     rq_job = Job.fetch(job.request_id, connection=conn, serializer=JSONSerializer)
     assert rq_job.get_status() == JobStatus.FINISHED

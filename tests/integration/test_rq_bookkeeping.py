@@ -26,6 +26,7 @@ pytestmark = pytest.mark.integration
 def enqueue(conn, queue, reply_to="tgq:reply:test") -> GenerationJob:
     job = GenerationJob(request_id=uuid.uuid4().hex, input_ids=(1, 2, 3), sampling=SamplingParams(seed=7),
                         stopping=StoppingParams(max_new_tokens=2), reply_to=reply_to, enqueued_at=time.time())
+    conn.set(protocol.presence_key(reply_to), b"1", ex=protocol.PRESENCE_TTL_S)  # its API process is alive
     queue.enqueue_call(func=protocol.JOB_FUNC, args=[job.to_dict()], job_id=job.request_id)
     return job
 
@@ -63,8 +64,9 @@ def test_fetch_publish_finish_moves_the_job_through_rq(conn):
     assert job.request_id in StartedJobRegistry(queue=queue).get_job_ids()
     events = [TokenEvent(job.request_id, 0, 0, Token(4, "y", -0.1, False)), final(job)]
     assert jobs.step_done(events, []) == set()
-    got = [sub.get_message(timeout=1) for _ in range(2)]
-    assert [protocol.decode_event(m["data"]) for m in got] == events
+    got = sub.get_message(timeout=1)  # the step's events for this API process: one message
+    assert protocol.decode_message(got["data"]) == events
+    assert sub.get_message(timeout=0.2) is None
     assert protocol.decode_event(conn.get(protocol.result_key(job.request_id))) == events[1]
     jobs.finished([(job, events[1])])
     assert job.request_id in FinishedJobRegistry(queue=queue).get_job_ids()
@@ -191,7 +193,7 @@ def test_taking_and_publishing_survive_redis_losing_its_script_cache(conn):
     sub.get_message(timeout=1)
     end = final(taken)
     assert jobs.step_done([end], [taken]) == set()
-    assert protocol.decode_event(sub.get_message(timeout=1)["data"]) == end
+    assert protocol.decode_message(sub.get_message(timeout=1)["data"]) == [end]
 
 
 def test_jobs_taken_but_not_started_are_taken_again_by_the_same_worker(conn):
@@ -233,7 +235,8 @@ def counted(fn) -> int:
 
 @pytest.mark.parametrize("n", [1, 24])
 def test_round_trips_per_step_do_not_grow_with_the_batch(redis_url, n):
-    """Taking n jobs costs 2 round trips, a step publishing 2 events per row 1, retiring all n 1."""
+    """Taking n jobs costs 3 round trips (take, check their API processes are alive, start), a step
+    publishing 2 events per row 1, retiring all n 1."""
     pool = redis.ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
     conn = redis.Redis(connection_pool=pool)
     queue = Queue(protocol.queue_name("m"), connection=conn, serializer=JSONSerializer)
@@ -248,7 +251,7 @@ def test_round_trips_per_step_do_not_grow_with_the_batch(redis_url, n):
     batch = [enqueue(conn, queue) for _ in range(n)]
     jobs.step_done([], [])  # an idle step sees the queue length
     taken: list[GenerationJob] = []
-    assert counted(lambda: taken.extend(jobs.fetch(n))) == 2
+    assert counted(lambda: taken.extend(jobs.fetch(n))) == 3
     assert taken == batch
     events = [e for j in taken for e in (TokenEvent(j.request_id, 0, 0, Token(4, "y", -0.1, False)), final(j))]
     assert counted(lambda: jobs.step_done(events, taken)) == 1
