@@ -39,6 +39,7 @@ PRESENCE_EVERY_S = 5.0  # how often an API process renews it
 PREFIX = "tgq"
 RESULT_TTL_S = 600  # how long a final result stays readable for a late reader
 CANCEL_TTL_S = 3600
+EXECUTION_TTL_S = 3600  # an RQ execution hash's life; the lease itself is the started-registry score
 CLAIM_TTL_S = 3600  # a claim outlives any stall it guards against; the reaper deletes it anyway
 
 # The function path RQ records for our jobs. Workers never let RQ call it: the batching worker

@@ -14,6 +14,7 @@ the two ends the claim in the same transaction (`common.reaper.reap_stranded`).
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from redis import Redis
@@ -126,8 +127,14 @@ def restore_job(job_id: str, fields: list[Any], queue: Queue) -> Job:
 
 
 def mark_started(pipe: Pipeline, worker: SimpleWorker, queue: Queue, job: Job, lease_ttl: int) -> Execution:
-    """What RQ's prepare_execution + prepare_job_execution write: the job is running, leased for lease_ttl s."""
-    execution = Execution.create(job, lease_ttl, pipeline=pipe, worker_name=worker.name)
+    """What RQ's prepare_execution + prepare_job_execution write: the job is running, leased for lease_ttl s.
+
+    The lease is only the started-registry entry's score (now + lease_ttl), which the worker renews
+    for its whole batch in one ZADD. The execution's own hash and registry entry are written to live
+    for protocol.EXECUTION_TTL_S instead of being renewed with it (RQ's per-job heartbeat costs five
+    commands per job); they are deleted when the job ends, and outlive a dead worker by that long."""
+    execution = Execution.create(job, protocol.EXECUTION_TTL_S, pipeline=pipe, worker_name=worker.name)
+    pipe.zadd(job.started_job_registry.key, {execution.composite_key: time.time() + lease_ttl})
     worker.executions[execution.id] = execution
     pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
     job.prepare_for_execution(worker.name, pipeline=pipe)

@@ -488,13 +488,15 @@ class RedisJobs:
                 pipe.hincrbyfloat(key, field, amount)
 
     def _renew_leases(self, pipe: redis.client.Pipeline, running: list[GenerationJob]) -> None:
-        """Extend the started-registry expiry of every held job, and the worker's own heartbeat."""
+        """Extend the started-registry expiry of every held job in one ZADD, and the worker's heartbeat.
+
+        XX: an entry a reaper removed (its lease had expired) is not brought back."""
         self._last_renewal = time.monotonic()
-        ttl = self.worker.lease_ttl
-        for job in running:
-            held = self.held.get(job.request_id)
-            if held is not None:
-                held.execution.heartbeat(self.started_registry, ttl, pipeline=pipe)
+        until = time.time() + self.worker.lease_ttl
+        leases = {held.execution.composite_key: until for job in running
+                  if (held := self.held.get(job.request_id)) is not None and job.request_id not in self.lost}
+        if leases:
+            pipe.zadd(self.started_registry.key, leases, xx=True)
         self.worker.heartbeat(self.worker.worker_ttl, pipeline=pipe)
 
     def finished(self, leaving: Sequence[tuple[GenerationJob, FinalEvent | ErrorEvent | None]]) -> None:
