@@ -16,16 +16,18 @@ from .redis_server import free_port
 
 
 class TgqProcess:
-    """`python -m common.cli <args>` with its output in a log file (shown when a test fails)."""
+    """`python -m common.cli <args>` with its output in a log file (shown when a test fails).
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    `cwd` runs another checkout's code (`-m` puts the working directory first on sys.path)."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None) -> None:
         self.args = args
         self.log = Path(tempfile.mkstemp(prefix="tgq-", suffix=".log")[1])
         self._log_file = open(self.log, "wb")
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.proc = subprocess.Popen([sys.executable, "-m", "common.cli", *args], stdout=self._log_file,
-                                     stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+                                     stderr=subprocess.STDOUT, env=full_env, start_new_session=True, cwd=cwd)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
