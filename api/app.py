@@ -13,7 +13,6 @@ from pathlib import Path
 import redis
 from flask import Flask, Response, request
 
-from common import model_files
 from common.errors import Unauthorized
 from common.redis_client import connect
 from common.settings import ApiSettings, LimitSettings, RedisSettings, ServedModelsSettings
@@ -24,7 +23,7 @@ from .metrics import Metrics
 from .models import ModelRegistry, ServedModel
 from .reaping import LeaseReaper
 from .replies import ReplyHub
-from .server import tokenizer_dirs
+from .server import served_models
 from .service import GenerationService
 from .state import TgqState
 
@@ -41,8 +40,8 @@ class AppConfig:
     limits: LimitSettings
     api: ApiSettings
     metrics_dir: str | None = None  # PROMETHEUS_MULTIPROC_DIR under gunicorn; None: in-process metrics
-    # each served model's tokenizer directory, in order; None: found through common.model_files
-    tokenizer_dirs: tuple[str, ...] | None = None
+    # each served model's (id, tokenizer directory), in order; None: found through common.model_files
+    served: tuple[tuple[str, str], ...] | None = None
     keepalive_s: float = 15.0  # SSE comment after this much silence (axum's KeepAlive default)
     reap_every_s: float = 0.0  # sweep for dead workers' leases (api.reaping); 0: leave it to workers
     created: int = 0  # when the API started serving its models (/v1/models); 0: now
@@ -53,12 +52,12 @@ def create_app(config: AppConfig, *, redis_client: redis.Redis | None = None) ->
     api = config.api
     app.config["MAX_CONTENT_LENGTH"] = api.max_body_bytes
     client = redis_client or connect(config.redis)
-    dirs = config.tokenizer_dirs or tokenizer_dirs(config.models)
+    served = config.served or served_models(config.models)
     created = config.created or int(time.time())  # set by the master, so every process agrees
     models = ModelRegistry([
-        ServedModel.load(model_files.resolve(m.model, m.model_id).model_id, Path(d), config.limits, client,
-                         job_timeout_s=api.request_timeout, created=created)
-        for m, d in zip(config.models.entries(), dirs, strict=True)])
+        ServedModel.load(model_id, Path(d), config.limits, client, job_timeout_s=api.request_timeout,
+                         created=created)
+        for model_id, d in served])
     hub = ReplyHub(client)
     state = TgqState(models=models, api=api, redis=client, hub=hub,
                      service=GenerationService(hub, api.request_timeout),

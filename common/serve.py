@@ -1,7 +1,9 @@
 """`tgq serve`: everything on one machine for a first try.
 
-Starts a private redis-server on a free port (unless a Redis URL is given), one worker per served
-model and the API as child processes, prints the URL, and stops them all (API first, Redis last) on exit.
+Resolves each `--model` first, here (a wrong one fails before anything starts; a Hub model is
+downloaded once), then starts a private redis-server on a free port (unless a Redis URL is given),
+one worker per served model and the API as child processes, handing them each model's directory and
+id, prints the URL, and stops them all (API first, Redis last) on exit.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from . import model_files
 from .settings import ApiSettings, LimitSettings, ServedModelsSettings, WorkerSettings, to_cli_args
 
 
@@ -74,8 +77,23 @@ def _stop(proc: subprocess.Popen, timeout: float, *, signalled: bool = False) ->
             proc.wait()
 
 
+def resolve_models(models: ServedModelsSettings) -> ServedModelsSettings:
+    """`models` resolved, with each one's id: a model directory (a Hub model's snapshot included) is
+    handed to the children as its path, so they load the same files without asking the Hub again; a
+    GGUF keeps its spec (its conversion cache is keyed by the path the spec leads to). Raises
+    ModelNotFound or SettingsError."""
+    entries = models.entries()
+    sources = model_files.resolve_each(entries)
+    for source in sources:
+        if not source.is_gguf:  # a GGUF's tokenizer is converted by the API child
+            model_files.ensure_tokenizer(source, models.cache_dir)
+    return ServedModelsSettings(model=tuple(m.model if s.is_gguf else str(s.path) for m, s in zip(entries, sources)),
+                                model_id=tuple(s.model_id for s in sources), cache_dir=models.cache_dir)
+
+
 def run_serve(redis_url: str | None, models: ServedModelsSettings, limits: LimitSettings, api: ApiSettings,
               worker: WorkerSettings) -> int:
+    resolved = resolve_models(models)  # before any child: a wrong --model is one error line, here
     redis_proc = None
     redis_dir = None
     if not redis_url:
@@ -83,8 +101,8 @@ def run_serve(redis_url: str | None, models: ServedModelsSettings, limits: Limit
     base = [sys.executable, "-m", "common.cli"]
     common_args = ["--redis-url", redis_url] + to_cli_args(limits)
     worker_procs = [subprocess.Popen(base + ["worker"] + common_args + to_cli_args(m) + to_cli_args(worker))
-                    for m in models.entries()]
-    api_proc = subprocess.Popen(base + ["api"] + common_args + to_cli_args(models) + to_cli_args(api))
+                    for m in resolved.entries()]
+    api_proc = subprocess.Popen(base + ["api"] + common_args + to_cli_args(resolved) + to_cli_args(api))
     children = [*worker_procs, api_proc]
     stopping = False
 

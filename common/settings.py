@@ -102,8 +102,11 @@ class RedisSettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    model: str = _opt("smollm2", "'smollm2' (SmolLM2-135M-Instruct), a local HF model directory or a .gguf file")
-    model_id: str = _opt("", "name used for the queue (tgq:<model-id>); derived from --model when empty")
+    model: str = _opt("smollm2", "'smollm2' (SmolLM2-135M-Instruct), a local HF model directory, a .gguf file or a "
+                                 "Hugging Face Hub id org/name[@revision] (in huggingface_hub's cache; "
+                                 "HF_HUB_OFFLINE=1: the cache alone)")
+    model_id: str = _opt("", "name used for the queue (tgq:<model-id>); derived from --model when empty (a Hub "
+                             "id: org/name, whatever the revision)")
     cache_dir: str = _opt("", "where converted GGUF models are cached; default ~/.cache/tgq")
 
 
@@ -111,7 +114,8 @@ class ModelSettings:
 class ServedModelsSettings:
     """The models an API (or `tgq serve`) serves; `--model` and `--model-id` pair up by position."""
     model: tuple[str, ...] = _many(("smollm2",), "a model to serve (repeatable; the first is the default): 'smollm2', "
-                                                 "a local HF model directory or a .gguf file")
+                                                 "a local HF model directory, a .gguf file or a Hugging Face Hub id "
+                                                 "org/name[@revision]")
     model_id: tuple[str, ...] = _many((), "the id of the --model at the same position (repeatable); derived from "
                                           "--model when missing")
     cache_dir: str = _opt("", "where converted GGUF models are cached; default ~/.cache/tgq")

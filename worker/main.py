@@ -52,8 +52,10 @@ def run_worker(redis_settings: RedisSettings, model_settings: ModelSettings, lim
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = StopFlag()
     stop.install()
-    source = model_files.resolve(model_settings.model, model_settings.model_id)  # finds files, loads nothing
-    if settings.load_test_tokens_per_s > 0:
+    load_test = settings.load_test_tokens_per_s > 0
+    # Finds (a Hub model: downloads) the files, loads nothing; a load test needs no weights.
+    source = model_files.resolve(model_settings.model, model_settings.model_id, weights=not load_test)
+    if load_test:
         from .loadtest import LoadTestLoop  # no torch, no model
 
         rate = settings.load_test_tokens_per_s

@@ -58,20 +58,22 @@ class TgqProcess:
         return self.proc.returncode
 
 
-def start_worker(redis_url: str, model: str, *extra: str, cache_dir: str = "") -> TgqProcess:
+def start_worker(redis_url: str, model: str, *extra: str, cache_dir: str = "",
+                 env: dict[str, str] | None = None) -> TgqProcess:
     args = ["worker", "--redis-url", redis_url, "--model", model, "--dtype", "fp32", "--threads", "1"]
     if cache_dir:
         args += ["--cache-dir", cache_dir]
-    return TgqProcess(args + list(extra))
+    return TgqProcess(args + list(extra), env=env)
 
 
-def start_api(redis_url: str, model: str, *extra: str, cache_dir: str = "") -> tuple[TgqProcess, str]:
+def start_api(redis_url: str, model: str, *extra: str, cache_dir: str = "",
+              env: dict[str, str] | None = None) -> tuple[TgqProcess, str]:
     port = free_port()
     args = ["api", "--redis-url", redis_url, "--model", model, "--host", "127.0.0.1",
             "--port", str(port), "--workers", "2"]
     if cache_dir:
         args += ["--cache-dir", cache_dir]
-    proc = TgqProcess(args + list(extra))
+    proc = TgqProcess(args + list(extra), env=env)
     return proc, f"http://127.0.0.1:{port}"
 
 

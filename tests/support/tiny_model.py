@@ -6,8 +6,10 @@ from pathlib import Path
 TINY_SEED = 1234
 
 
-def build_tiny_model(path: Path | str, cache_dir: str = "") -> Path:
-    """Save a deterministic tiny LlamaForCausalLM plus SmolLM2's tokenizer into `path` (usable as --model)."""
+def build_tiny_model(path: Path | str, cache_dir: str = "", max_shard_size: str = "50GB") -> Path:
+    """Save a deterministic tiny LlamaForCausalLM plus SmolLM2's tokenizer into `path` (usable as --model).
+
+    A `max_shard_size` under the weights' ~12.6 MB saves them sharded, with model.safetensors.index.json."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -22,6 +24,6 @@ def build_tiny_model(path: Path | str, cache_dir: str = "") -> Path:
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(TINY_SEED)
     model = LlamaForCausalLM(config).to(torch.float32).eval()
-    model.save_pretrained(str(path))
+    model.save_pretrained(str(path), max_shard_size=max_shard_size)
     tokenizer.save_pretrained(str(path))
     return path
