@@ -17,19 +17,26 @@ from .settings import RedisSettings
 T = TypeVar("T")
 
 
+# How long a command waits for a free pooled connection before it fails as "Redis unreachable".
+POOL_WAIT_S = 20.0
+
+
 def connect(settings: RedisSettings, *, socket_timeout: float | None = 30.0,
-            max_connections: int = 200) -> redis.Redis:
+            max_connections: int = 200, pool_wait_s: float = POOL_WAIT_S) -> redis.Redis:
     """A client for `settings.redis_url`.
 
     redis-py 8 defaults to a 5 s socket timeout and 100 connections per pool; blocking reads in
     tgq wait at most a few seconds, so 30 s only bounds a dead server. RESP2 keeps RQ's replies
-    in the shapes it expects.
+    in the shapes it expects. The pool is bounded and blocking: under a burst (a gevent API process
+    with a thousand requests arriving at once) a command waits up to `pool_wait_s` for a free
+    connection instead of failing with "Too many connections" or opening one per request.
     """
     options: dict[str, Any] = dict(socket_timeout=socket_timeout, socket_connect_timeout=5.0,
                                    health_check_interval=10, max_connections=max_connections, protocol=2)
     if settings.redis_url.startswith(SENTINEL_SCHEME + "://"):
         return _sentinel_primary(settings.redis_url, options)
-    return redis.Redis.from_url(settings.redis_url, **options)
+    pool = redis.BlockingConnectionPool.from_url(settings.redis_url, timeout=pool_wait_s, **options)
+    return redis.Redis(connection_pool=pool)
 
 
 SENTINEL_SCHEME = "redis+sentinel"
