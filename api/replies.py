@@ -51,6 +51,7 @@ class ReplyHub:
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._presence_thread: threading.Thread | None = None
         self._pid = 0
 
     # lifecycle ---------------------------------------------------------------------------------
@@ -63,6 +64,8 @@ class ReplyHub:
             self._ready.clear()
             self._thread = threading.Thread(target=self._run, name="tgq-replies", daemon=True)
             self._thread.start()
+            self._presence_thread = threading.Thread(target=self._keep_present, name="tgq-presence", daemon=True)
+            self._presence_thread.start()
 
     def close(self) -> None:
         self._stop.set()
@@ -76,6 +79,8 @@ class ReplyHub:
             except (redis.exceptions.RedisError, OSError):
                 pass
             self._thread.join(timeout=3)
+        if self._presence_thread is not None and self._presence_thread.is_alive():
+            self._presence_thread.join(timeout=3)
 
     @property
     def subscribed(self) -> bool:
@@ -121,17 +126,12 @@ class ReplyHub:
             pubsub = self.redis.pubsub()
             try:
                 pubsub.subscribe(self.channel)
-                renewed = 0.0
                 while not self._stop.is_set():
-                    if self._ready.is_set() and time.monotonic() - renewed >= protocol.PRESENCE_EVERY_S:
-                        self._renew_presence()
-                        renewed = time.monotonic()
                     message = pubsub.get_message(timeout=1.0)
                     if message is None:
                         continue
                     if message["type"] == "subscribe":
                         self._renew_presence()  # before any job of this process is enqueued
-                        renewed = time.monotonic()
                         self._ready.set()
                     elif message["type"] == "message" and message["data"]:
                         self.dispatch(message["data"])
@@ -148,9 +148,21 @@ class ReplyHub:
         self._ready.clear()
 
 
+    def _keep_present(self) -> None:
+        """Renew the presence key every PRESENCE_EVERY_S while subscribed, on its own thread, so a
+        slow or failing renewal (an exhausted connection pool under a burst) never holds up the
+        reader or tears down the subscription."""
+        while not self._stop.wait(protocol.PRESENCE_EVERY_S):
+            if self._ready.is_set():
+                self._renew_presence()
+
     def _renew_presence(self) -> None:
-        """Tell workers this process is alive: they skip queued jobs of a process whose key is gone."""
-        self.redis.set(self.presence, b"1", ex=protocol.PRESENCE_TTL_S)
+        """Tell workers this process is alive: they skip queued jobs of a process whose key is gone
+        and whose channel has no subscriber. A failure is logged and retried at the next renewal."""
+        try:
+            self.redis.set(self.presence, b"1", ex=protocol.PRESENCE_TTL_S)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            log.warning("presence key not renewed (%s); retrying in %.0f s", exc, protocol.PRESENCE_EVERY_S)
 
 
 @dataclass

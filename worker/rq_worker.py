@@ -317,7 +317,10 @@ class RedisJobs:
         return started
 
     def _absent_api_processes(self, rq_jobs: list[Job]) -> set[str]:
-        """Reply channels of v2 jobs whose API process's presence key is gone (one round trip).
+        """Reply channels of v2 jobs whose API process is gone: its presence key has expired and
+        nobody is subscribed to the channel (one round trip; a second, `PUBSUB NUMSUB`, only for
+        channels whose key is missing). The subscriber count is the authority: an overloaded API
+        process can be late renewing its key, and its queued jobs must not be cancelled for that.
 
         A v1 job comes from an API of the previous release, which keeps no presence key: it is
         started, and dropped later only if its channel stays silent (`Orphans`)."""
@@ -335,7 +338,11 @@ class RedisJobs:
         with self.redis.pipeline(transaction=False) as pipe:
             for channel in ordered:
                 pipe.exists(protocol.presence_key(channel))
-            return {c for c, yes in zip(ordered, pipe.execute()) if not yes}
+            keyless = [c for c, yes in zip(ordered, pipe.execute()) if not yes]
+        if not keyless:
+            return set()
+        counts = {(c.decode() if isinstance(c, bytes) else c): int(n) for c, n in self.redis.pubsub_numsub(*keyless)}
+        return {c for c in keyless if not counts.get(c)}
 
     def _decode(self, rq_job: Job, pipe: redis.client.Pipeline) -> GenerationJob | None:
         """The job's payload, or None after failing it (a payload that is not a tgq job)."""

@@ -90,6 +90,17 @@ def test_a_job_newer_than_the_worker_is_failed_with_a_clear_error(conn):
     assert job.request_id in FailedJobRegistry(queue=queue).get_job_ids()
 
 
+def test_a_late_presence_key_does_not_cancel_a_subscribed_api_processes_jobs(conn):
+    """An overloaded API process can renew its presence key late; while it is still subscribed to its
+    reply channel, its queued jobs run (the fleet simulation cancelled such jobs before PUBSUB NUMSUB)."""
+    queue, jobs = make_jobs(conn)
+    job = new_job(protocol.reply_channel("late-api"))
+    sub = subscribed(conn, job.reply_to)  # listening, but no presence key
+    queue.enqueue_call(func=protocol.JOB_FUNC, args=[job.to_dict()], job_id=job.request_id)
+    assert [j.request_id for j in jobs.fetch(4)] == [job.request_id]
+    sub.close()
+
+
 def test_queued_jobs_of_a_dead_api_process_are_canceled_not_run(conn):
     queue, jobs = make_jobs(conn)
     alive, dead = new_job(protocol.reply_channel("alive")), new_job(protocol.reply_channel("dead"))
