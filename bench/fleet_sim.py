@@ -50,7 +50,9 @@ def size_row(workers: int, rate: float, rows: int, res: dict[str, Any]) -> dict[
         busy = rnd["main_load"]["redis_main_cpu_us"] / (1e6 * rnd["main_load"]["seconds"])
     capacity = cost_probe.projected_tokps(main_us)
     per_worker = rate * rows
+    rows_per_step = (rnd.get("figures") or {}).get("decode_rows_mean") if rnd is not None else None
     return {"workers": workers, "offered_tokps": per_worker * workers, "tokens_per_s": s.get("tokens_per_s"),
+            "rows_per_step": rows_per_step,
             "redis_main_cpu_us_per_token": main_us, "redis_cpu_us_per_token": per_token.get("redis_cpu_us"),
             "commands_per_token": per_token.get("commands"), "api_cpu_us_per_token": per_token.get("api_cpu_us"),
             "redis_core_busy_share": busy, "projected_tokps_one_redis_core": capacity,
@@ -63,11 +65,12 @@ def _f(x: float | None, fmt: str = "{:,.0f}") -> str:
 
 
 def format_table(rows: list[dict[str, Any]], rate: float, per_row_workers: int) -> str:
-    lines = [f"| workers | offered tok/s | received tok/s | Redis µs/token (main thread) | commands/token | "
-             f"Redis core busy | PROJECTED tok/s at one Redis core | PROJECTED workers ({per_row_workers} rows x "
-             f"{rate:g} tok/s) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| workers | offered tok/s | received tok/s | rows per step | Redis µs/token (main thread) | "
+             f"commands/token | Redis core busy | PROJECTED tok/s at one Redis core | PROJECTED workers "
+             f"({per_row_workers} rows x {rate:g} tok/s) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['workers']} | {_f(r['offered_tokps'])} | {_f(r['tokens_per_s'])} | "
+                     f"{_f(r.get('rows_per_step'), '{:.1f}')} | "
                      f"{_f(r['redis_main_cpu_us_per_token'], '{:.2f}')} | {_f(r['commands_per_token'], '{:.3f}')} | "
                      f"{_f(None if r['redis_core_busy_share'] is None else 100 * r['redis_core_busy_share'], '{:.1f}%')}"
                      f" | {_f(r['projected_tokps_one_redis_core'])} | "
@@ -83,7 +86,7 @@ def chart(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     xs = [r["workers"] for r in rows]
-    fig, left = plt.subplots(figsize=(8, 4.8), dpi=110)
+    fig, left = plt.subplots(figsize=(8, 5.4), dpi=110)
     left.set_xscale("log", base=2)
     left.set_yscale("log")
     left.plot(xs, [r["offered_tokps"] for r in rows], ":", color="grey", label="offered tok/s (workers x rows x rate)")
@@ -100,7 +103,7 @@ def chart(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     right.set_ylim(0, max([1.0] + [r["redis_main_cpu_us_per_token"] or 0 for r in rows]) * 1.6)
     handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     labels = left.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
-    left.legend(handles, labels, loc="upper left", fontsize=8)
+    left.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)
     left.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
@@ -119,11 +122,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="the JSON (default bench/results/<date>-fleet-sim.json)")
     p.add_argument("--chart", type=Path, default=None, help="the PNG (default beside the JSON)")
     p.add_argument("--logs", type=Path, default=ROOT / "bench-results")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="no run: recompute the table and the chart from a saved run's probes")
     return p
+
+
+def render(path: Path, chart_path: Path | None) -> int:
+    out = json.loads(path.read_text())
+    c = out["config"]
+    out["sizes"] = [size_row(res["config"]["workers"], c["rate"], c["rows"], res) for res in out["probes"]]
+    return finish(out, path, chart_path or path.with_suffix(".png"))
+
+
+def finish(out: dict[str, Any], out_json: Path, out_png: Path) -> int:
+    c = out["config"]
+    out["table"] = format_table(out["sizes"], c["rate"], c["rows"])
+    out_json.write_text(json.dumps(out, indent=1))
+    chart(out["sizes"], f"tgq fleet simulation, LOAD-TEST workers ({c['rows']} rows x {c['rate']:g} tok/s each), "
+                        f"{c['api_workers']} API processes, Redis pinned to one core\n{c['cpu_model']} x {c['cpus']}, "
+                        f"{c['started'][:10]}", out_png)
+    print(f"{out['table']}\n\nresults: {out_json}\nchart: {out_png}")
+    return 0 if all(not r["errors"] for r in out["sizes"]) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.render is not None:
+        return render(args.render, args.chart)
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     if not sizes or min(sizes) < 1 or args.rate <= 0 or args.rows < 1:
         raise SystemExit("--sizes must be positive integers, --rate and --rows positive")
@@ -146,14 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         out["probes"].append(res)
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(out, indent=1))
-    c = out["config"]
-    out["table"] = format_table(out["sizes"], args.rate, args.rows)
-    out_json.write_text(json.dumps(out, indent=1))
-    chart(out["sizes"], f"tgq fleet simulation, LOAD-TEST workers ({args.rows} rows x {args.rate:g} tok/s each), "
-                        f"{args.api_workers} API processes, Redis pinned to one core\n{c['cpu_model']} x {c['cpus']}, "
-                        f"{c['started'][:10]}", out_png)
-    print(f"{out['table']}\n\nresults: {out_json}\nchart: {out_png}")
-    return 0 if all(not r["errors"] for r in out["sizes"]) else 1
+    return finish(out, out_json, out_png)
 
 
 if __name__ == "__main__":
