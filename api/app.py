@@ -23,7 +23,7 @@ from .metrics import Metrics
 from .models import ModelRegistry, ServedModel
 from .reaping import LeaseReaper
 from .replies import ReplyHub
-from .server import served_models
+from .server import WORKER_CONNECTIONS, served_models
 from .service import GenerationService
 from .state import TgqState
 
@@ -51,7 +51,9 @@ def create_app(config: AppConfig, *, redis_client: redis.Redis | None = None) ->
     app = Flask("api")
     api = config.api
     app.config["MAX_CONTENT_LENGTH"] = api.max_body_bytes
-    client = redis_client or connect(config.redis)
+    # A pooled connection for every connection gevent serves at once: under a burst each request
+    # waits only for Redis, not for a connection other requests hold while they wait for the CPU.
+    client = redis_client or connect(config.redis, max_connections=WORKER_CONNECTIONS)
     served = config.served or served_models(config.models)
     created = config.created or int(time.time())  # set by the master, so every process agrees
     models = ModelRegistry([
