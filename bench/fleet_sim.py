@@ -33,10 +33,12 @@ def _say(msg: str) -> None:
 
 
 def probe_argv(args: argparse.Namespace, workers: int) -> list[str]:
+    clients = min(args.rows * workers, args.max_clients)
     return ["--workers", str(workers), "--max-batch-size", str(args.rows), "--api-workers", str(args.api_workers),
+            "--clients", str(clients),
             "--new-tokens", str(args.new_tokens), "--short-tokens", "0", "--duration", str(args.duration),
             "--rounds", "1", "--load-test-tokens-per-s", str(args.rate), "--pin-redis", str(args.redis_cpu),
-            "--max-queue-length", str(max(1024, 4 * args.rows * workers)), "--settle", "3"]
+            "--max-queue-length", str(max(1024, 4 * clients)), "--settle", "3"]
 
 
 def size_row(workers: int, rate: float, rows: int, res: dict[str, Any]) -> dict[str, Any]:
@@ -116,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=20.0, help="load-test tokens per second per row")
     p.add_argument("--rows", type=int, default=32, help="rows per worker (clients = rows x workers)")
     p.add_argument("--api-workers", type=int, default=4, help="gunicorn worker processes of the API")
+    p.add_argument("--max-clients", type=int, default=512,
+                   help="most streaming clients (on 2 cores, 2048 streams starve the API processes past "
+                        "gunicorn's 30 s worker timeout); past it the workers' batches are not full")
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--duration", type=float, default=30.0, help="seconds of issuing requests per size")
     p.add_argument("--redis-cpu", type=int, default=0, help="the CPU redis-server gets to itself")

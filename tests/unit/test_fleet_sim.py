@@ -9,7 +9,7 @@ from bench import cost_probe, fleet_sim
 
 
 def sim_args(**kw) -> argparse.Namespace:
-    base = dict(rows=32, api_workers=4, new_tokens=512, duration=30.0, rate=20.0, redis_cpu=0)
+    base = dict(rows=32, api_workers=4, new_tokens=512, duration=30.0, rate=20.0, redis_cpu=0, max_clients=512)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -21,6 +21,7 @@ def test_each_size_probes_load_test_workers_with_redis_pinned():
     assert probe.max_queue_length >= probe.clients  # every client's request fits in the queue at once
     assert cost_probe.worker_mode(probe) == "load-test (20 tokens/s per row)"
     assert cost_probe.worker_mode(cost_probe.parse_args([])) == "real"
+    assert cost_probe.parse_args(fleet_sim.probe_argv(sim_args(), 64)).clients == 512  # the clients' ceiling here
 
 
 def probe_result(main_us: float, load_main_cpu_us: float, seconds: float) -> dict:
