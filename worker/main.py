@@ -20,7 +20,7 @@ from rq.serializers import JSONSerializer
 
 from common import model_files, protocol
 from common.redis_client import connect, count_round_trips
-from common.settings import LimitSettings, ModelSettings, RedisSettings, WorkerSettings
+from common.settings import LimitSettings, ModelSettings, RedisSettings, SettingsError, WorkerSettings
 
 log = logging.getLogger("tgq.worker")
 
@@ -92,18 +92,21 @@ def _serve(redis_settings: RedisSettings, settings: WorkerSettings, model_id: st
     rq_worker = BatchWorker([queue], connection=connection, name=name, serializer=JSONSerializer,
                             worker_ttl=max(30, 2 * settings.lease_ttl))
     rq_worker.lease_ttl = settings.lease_ttl
+    metrics = EngineMetrics(max_batch_size=settings.max_batch_size, model=model_id)
+    if settings.metrics_port:  # before registering: a port that is taken stops the worker with one line
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(settings.metrics_port, registry=metrics.registry)
+        except OSError as exc:
+            raise SettingsError(f"--metrics-port {settings.metrics_port}: {exc.strerror or exc}") from None
+        log.info("worker metrics on :%d/metrics", settings.metrics_port)
     retry_redis(rq_worker.register_birth, "register")
     jobs = RedisJobs(connection, rq_worker, queue, model_id, max_attempts=settings.max_attempts,
                      capacity=settings.max_batch_size, orphan_grace_s=settings.orphan_grace_s)
-    metrics = EngineMetrics(max_batch_size=settings.max_batch_size, model=model_id)
     metrics.round_trips = round_trips
     jobs.take_metric_increments = metrics.take_increments
     jobs.current_batch_size = lambda: metrics.current_size
-    if settings.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.metrics_port, registry=metrics.registry)
-        log.info("worker metrics on :%d/metrics", settings.metrics_port)
 
     io = PipelinedJobs(jobs)
     loop = make_loop(io, metrics)
