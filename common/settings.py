@@ -182,8 +182,8 @@ class WorkerSettings:
     dtype: str = _opt("bf16", "weights and activations dtype", choices=("bf16", "fp16", "fp32"))
     max_batch_size: int = _opt(32, "most rows decoded together")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
-    fused_forward: bool = _opt(True, "run Llama models through tgq's fused forward (worker/fastllama.py; used only "
-                                     "if it matches transformers' logits at load); false: transformers' forward")
+    fused_forward: bool = _opt(True, "run models of the families in worker/models/ through tgq's fused forward (used "
+                                     "only if it matches transformers' logits at load); false: transformers' forward")
     cuda_graphs: bool = _opt(True, "on CUDA, replay decode steps of the fused forward as CUDA graphs (captured per "
                                    "padded batch size and KV-buffer size)")
     cpu_kernels: bool = _opt(True, "on an AVX-512 CPU in bf16, run the fused forward's decode attention, residual "

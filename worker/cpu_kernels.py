@@ -5,7 +5,7 @@ over [96, 3, C] x [96, C, 64] blocks: thousands of tiny matrix products, ~0.55 m
 C = 192 columns on this machine's 2 cores, against ~0.2 ms to read the layer's keys and values
 once. The kernel reads each (row, KV head)'s keys and values once for its grouped query heads,
 skips the columns the bias masks, and keeps torch's softmax between its two passes. The
-arithmetic is transformers' eager attention, as in `FastLlama._decode_attention`: scores rounded
+arithmetic is transformers' eager attention, as in `worker.models.layers.decode_attention`: scores rounded
 once to bf16, softmax in fp32 rounded to bf16, probabilities times values summed in fp32 and
 rounded once. Only the order of fp32 additions differs from oneDNN's, so an output may be one
 bf16 place apart.
@@ -21,7 +21,7 @@ The source is compiled at first use with the system's C++ compiler (`CXX`, else 
 the model cache, keyed by the source's hash (`common.model_files.build_once`: one process builds,
 the others wait), and loaded with ctypes; its OpenMP loops run on the
 thread pool torch already started (the library asks for `libgomp.so.1`, which torch has loaded).
-`FastLlama` checks each kernel against torch's ops at load; without a compiler or AVX-512, or
+`worker/models/checks.py` checks each kernel against torch's ops at load; without a compiler or AVX-512, or
 if a check fails, it keeps torch's ops.
 """
 from __future__ import annotations
@@ -180,7 +180,7 @@ class CpuKernels:
         return head_dim % 2 == 0
 
     def rope(self, qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-        """`FastLlama._rope` of qk [B, T, heads, D] (each position's heads contiguous) with cos and
+        """`worker.models.layers.rope` of qk [B, T, heads, D] (each position's heads contiguous) with cos and
         signed_sin [B, T, 1, D] (contiguous): a new contiguous [B, T, heads, D]."""
         b, t, heads, d = qk.shape
         rows = qk.reshape(b * t, heads, d)  # a view when positions are evenly spaced

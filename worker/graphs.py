@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
-from .fastllama import FastLlama, fill_column_bias
 from .kvcache import SlotCache, SlotLayer
+from .models import FusedDecoder, head_logits
+from .models.layers import fill_column_bias
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +58,17 @@ class _Step:
 
 
 class DecodeGraphs:
-    """Runs a batch's decode forward through FastLlama.decode_in_place, as CUDA graphs when `capture`."""
+    """Runs a batch's decode forward through FusedDecoder.decode_in_place, as CUDA graphs when `capture`."""
 
-    def __init__(self, fast: FastLlama, head: torch.nn.Module, capture: bool = True) -> None:
-        self.fast, self.head, self.capture = fast, head, capture
+    def __init__(self, fast: FusedDecoder, head: torch.nn.Module, softcap: float | None = None,
+                 capture: bool = True) -> None:
+        self.fast, self.head, self.softcap, self.capture = fast, head, softcap, capture
         self._steps: dict[tuple[int, int], _Step] = {}
         self._buffers: tuple[int, ...] = ()
         self.captures = 0  # graphs captured so far (for tests and logs)
 
     @staticmethod
-    def usable(fast: FastLlama | None) -> bool:
+    def usable(fast: FusedDecoder | None) -> bool:
         return fast is not None and fast.rope_positions > 0
 
     def accepts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any) -> bool:
@@ -127,7 +129,7 @@ class DecodeGraphs:
     def _run(self, step: _Step, layers: list[SlotLayer]) -> torch.Tensor:
         hidden = self.fast.decode_in_place(step.ids, step.positions, step.column_bias, step.column,
                                            [(layer.kbuf, layer.vbuf) for layer in layers])
-        return self.head(hidden.view(hidden.shape[0], -1))
+        return head_logits(self.head, hidden.view(hidden.shape[0], -1), self.softcap)
 
     def _capture_or_run(self, step: _Step, layers: list[SlotLayer]) -> None:
         """Capture the step's graph; if capturing fails, say so and run this and later steps eagerly."""

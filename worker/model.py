@@ -13,8 +13,8 @@ import torch
 from common.model_files import ModelSource, build_once, cache_root, ensure_tokenizer, model_dir
 
 from .cpu_kernels import load_cpu_kernels
-from .fastllama import build_fast
 from .graphs import DecodeGraphs
+from .models import build_fast, head_logits
 from .packed import prepack, prepacking_available
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,9 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     model_id: str = ""
-    fast: Any = None  # a FastLlama when the model is a Llama and it matched transformers' logits
+    fast: Any = None  # a models.FusedDecoder when the family has one and it matched transformers' logits
     graphs: Any = None  # a DecodeGraphs running decode steps as CUDA graphs (CUDA with `fast` only)
+    logit_softcap: float | None = None  # the config's final_logit_softcapping (Gemma 2), on every path
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -94,7 +95,7 @@ def load_model(source: ModelSource, cache_dir: str, device: str, dtype: str, thr
                cpu_kernels: bool = True) -> LoadedModel:
     """Load tokenizer and model (converting a GGUF once into the cache) onto `device` in `dtype`.
 
-    With `fused`, a Llama model also gets tgq's fused forward (worker/fastllama.py), used by
+    With `fused`, a model of a family in worker/models/ also gets tgq's fused forward, used by
     `forward` when it matched transformers' logits on a probe; on CUDA, with `cuda_graphs`, its
     decode steps are then replayed as CUDA graphs (worker/graphs.py); on CPU in bf16, with
     `cpu_kernels`, its decode attention, norms, rotary embedding and greedy choice run as compiled
@@ -125,11 +126,12 @@ def load_model(source: ModelSource, cache_dir: str, device: str, dtype: str, thr
         log.info("linear layers prepacked for oneDNN (bf16 on CPU)")
     graphs = None
     if cuda_graphs and dev.type == "cuda" and DecodeGraphs.usable(fast):
-        graphs = DecodeGraphs(fast, model.get_output_embeddings())
+        graphs = DecodeGraphs(fast, model.get_output_embeddings(), fast.final_softcap)
         log.info("decode steps run as CUDA graphs")
     return LoadedModel(model=model, tokenizer=tokenizer, eos_token_id=tokenizer.eos_token_id,
                        special_ids=special_token_ids(tokenizer), vocab_size=width, device=dev,
-                       dtype=torch_dtype, model_id=source.model_id, fast=fast, graphs=graphs)
+                       dtype=torch_dtype, model_id=source.model_id, fast=fast, graphs=graphs,
+                       logit_softcap=getattr(model.config, "final_logit_softcapping", None) or None)
 
 
 @dataclass
@@ -160,5 +162,5 @@ def forward(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.
         hidden = hidden[:, -logits_to_keep:, :]
     b, t, h = hidden.shape
     head = model.get_output_embeddings()
-    logits = head(hidden.reshape(b * t, h).contiguous()).view(b, t, -1)
+    logits = head_logits(head, hidden.reshape(b * t, h).contiguous(), loaded.logit_softcap).view(b, t, -1)
     return ForwardOut(logits=logits, cache=cache)

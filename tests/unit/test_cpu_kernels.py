@@ -9,7 +9,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import torch.nn.functional as F
 
-from worker import cpu_kernels, fastllama
+from worker import cpu_kernels, models
+from worker.models import layers
+from worker.models.llama import Llama
 from worker.batch import prefill_inputs
 from worker.kvcache import SlotCache
 
@@ -71,8 +73,8 @@ def _torch_attention(q, kbuf, vbuf, bias, n_q, n_kv, head_dim):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=n_q * head_dim, intermediate_size=8,
                                          num_hidden_layers=1, num_attention_heads=n_q,
                                          num_key_value_heads=n_kv, head_dim=head_dim))
-    fast = fastllama.FastLlama(model.to(BF16), 1, pack=False)
-    return fast._decode_attention(q, kbuf, vbuf, fast._grouped_bias(bias))
+    fast = Llama(model.to(BF16), 1, pack=False)
+    return fast._decode_attention(q, kbuf, vbuf, layers.grouped_bias(bias, fast.n_q, fast.n_kv))
 
 
 def _inputs(rows, n_q, n_kv, head_dim, columns, seed=0):
@@ -173,8 +175,8 @@ def test_fused_forward_uses_the_kernels(kernel):
     """A bf16 Llama with head size 64: padded prefill, then decode steps over the padded buffer, with the
     kernels and with torch's ops fed the same tokens: logits agree to bf16 rounding."""
     model = _bf16_llama()
-    with_kernel = fastllama.build_fast(model, 4, pack=False, kernels=kernel)
-    plain = fastllama.FastLlama(model, 4, pack=False)
+    with_kernel = models.build_fast(model, 4, pack=False, kernels=kernel)
+    plain = Llama(model, 4, pack=False)
     assert with_kernel is not None and with_kernel.kernel_attention and with_kernel.kernel_norm
     assert plain.kernels is None and not plain.kernel_attention and not plain.kernel_norm
     head = model.get_output_embeddings()

@@ -70,7 +70,7 @@ def test_cuda_bf16_serves_mixed_sampling_rows_and_seeds_repeat(cuda_bf16):
 def test_replayed_graphs_compute_exactly_what_the_eager_step_computes(cuda_bf16):
     """bf16, rows joining and leaving (buffers reallocated as they join): graph replays against the same
     step run eagerly (same kernels, so the same bits)."""
-    eager = dataclasses.replace(cuda_bf16, graphs=DecodeGraphs(cuda_bf16.fast, cuda_bf16.model.get_output_embeddings(),
+    eager = dataclasses.replace(cuda_bf16, graphs=DecodeGraphs(cuda_bf16.fast, cuda_bf16.model.get_output_embeddings(), None,
                                                                capture=False))
     captured = cuda_bf16.graphs.captures
     _, _, want = run_engine(eager, _growing_arrivals())

@@ -1,11 +1,12 @@
-"""tgq's fused Llama forward (worker/fastllama.py) computes what transformers' forward computes."""
+"""tgq's fused Llama forward (worker/models/llama.py on worker/models/base.py) computes what transformers' forward computes."""
 from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from common.model_files import resolve
-from worker import fastllama
+from worker import models
+from worker.models.llama import Llama
 from worker.batch import prefill_inputs
 from worker.kvcache import SlotCache
 from worker.model import load_model
@@ -65,21 +66,21 @@ def test_bf16_fused_forward_stays_within_bf16_rounding(tiny_model_dir):
     loaded = load_model(resolve(str(tiny_model_dir)), "", "cpu", "bf16", 1, rows_hint=4)
     assert loaded.fast is not None
     reference = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).eval()
-    assert fastllama.probe_deviation(reference, loaded.fast) < 5e-2
+    assert models.probe_deviation(reference, loaded.fast) < 5e-2
 
 
 def test_a_fused_forward_that_computes_something_else_is_refused(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
-    fast = fastllama.FastLlama(model, 4, pack=False)
-    assert fastllama.probe_deviation(model, fast) < 1e-4
+    fast = Llama(model, 4, pack=False)
+    assert models.probe_deviation(model, fast) < 1e-4
     fast.layers[0].norm2 = torch.zeros_like(fast.layers[0].norm2)  # the first MLP no longer contributes
-    assert fastllama.probe_deviation(model, fast) > 1e-2
+    assert models.probe_deviation(model, fast) > 1e-2
 
 
 def test_other_architectures_keep_transformers_forward():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).eval()
-    assert "gpt2" in fastllama.unsupported_reason(model)
-    assert fastllama.build_fast(model, 4, pack=False) is None
+    assert "gpt2" in models.unsupported_reason(model)
+    assert models.build_fast(model, 4, pack=False) is None
 
 
 def test_rotary_tables_hold_what_transformers_computes_per_call(tiny_loaded):
@@ -101,9 +102,9 @@ def test_decode_attention_with_a_scale_that_is_not_a_power_of_two():
     config = LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     model = LlamaForCausalLM(config).eval()
-    fast = fastllama.FastLlama(model, 4, pack=False)
+    fast = Llama(model, 4, pack=False)
     assert not fast.fold_scale
-    assert fastllama.probe_deviation(model, fast) < 1e-4
+    assert models.probe_deviation(model, fast) < 1e-4
 
 
 def test_power_of_two_scales_fold_into_the_scores_matmul(tiny_loaded):
