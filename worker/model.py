@@ -15,6 +15,8 @@ from common.model_files import ModelSource, build_once, cache_root, ensure_token
 from .cpu_kernels import load_cpu_kernels
 from .graphs import DecodeGraphs
 from .models import build_fast, head_logits
+from .models.base import layer_windows
+from .models.layers import sliding_mask
 from .packed import prepack, prepacking_available
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,25 @@ def load_model(source: ModelSource, cache_dir: str, device: str, dtype: str, thr
                        logit_softcap=getattr(model.config, "final_logit_softcapping", None) or None)
 
 
+def decoder_masks(model: Any, mask: torch.Tensor) -> Any:
+    """tgq's 4-D bool mask as transformers' decoder takes a prepared one (it uses it as it is): additive
+    for eager attention (Gemma 2's), and limited to the sliding window on the layers that have one,
+    as a mask per layer type where the family mixes them (Qwen2, Gemma 2)."""
+    cfg = model.config
+    if getattr(cfg, "_attn_implementation", "sdpa") == "eager":
+        as_passed = lambda m: torch.zeros(m.shape, dtype=model.dtype, device=m.device).masked_fill_(
+            ~m, torch.finfo(model.dtype).min)
+    else:
+        as_passed = lambda m: m
+    windows = set(layer_windows(cfg, int(cfg.num_hidden_layers)))
+    if windows == {None}:
+        return as_passed(mask)
+    sliding = as_passed(sliding_mask(mask, next(w for w in windows if w is not None)))
+    if None not in windows:
+        return sliding
+    return {"full_attention": as_passed(mask), "sliding_attention": sliding}
+
+
 @dataclass
 class ForwardOut:
     """Logits of the kept positions ([B, kept, V], model dtype) and the updated cache."""
@@ -156,7 +177,7 @@ def forward(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.
     if loaded.fast is not None:
         hidden = loaded.fast(input_ids, attention_mask, position_ids, cache)
     else:
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=decoder_masks(model, attention_mask),
                                      position_ids=position_ids, cache=cache, use_cache=True).last_hidden_state
     if logits_to_keep:
         hidden = hidden[:, -logits_to_keep:, :]

@@ -13,12 +13,18 @@ from typing import Any
 from ..cpu_kernels import CpuKernels
 from .base import FusedDecoder
 from .checks import accepted, head_logits, probe_deviation
+from .gemma import Gemma
+from .gemma2 import Gemma2
 from .llama import Llama
+from .mistral import Mistral
+from .phi3 import Phi3
+from .qwen2 import Qwen2
+from .qwen3 import Qwen3
 
 log = logging.getLogger(__name__)
 
 FAMILIES: dict[str, type[FusedDecoder]] = {
-    kind: family for family in (Llama,) for kind in family.model_types}
+    kind: family for family in (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Phi3) for kind in family.model_types}
 
 __all__ = ["FAMILIES", "FusedDecoder", "build_fast", "family_for", "head_logits", "probe_deviation",
            "unsupported_reason"]
