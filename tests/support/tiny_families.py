@@ -41,6 +41,12 @@ def family_configs() -> dict[str, Any]:
 
 def build_family_model(kind: str, path: Path | str, cache_dir: str = "") -> Path:
     """Save a deterministic tiny model of family `kind` plus SmolLM2's tokenizer into `path` (usable as --model)."""
+    return save_random_model(family_configs()[kind], path, cache_dir)
+
+
+def save_random_model(config: Any, path: Path | str, cache_dir: str = "", seed: int = FAMILY_SEED) -> Path:
+    """A seeded random causal LM of `config` (norm weights and biases randomised as well) with SmolLM2's
+    tokenizer, saved into `path` as a HF model directory."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,9 +55,8 @@ def build_family_model(kind: str, path: Path | str, cache_dir: str = "") -> Path
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(ensure_tokenizer(resolve("smollm2"), cache_dir)))
-    config = family_configs()[kind]
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    torch.manual_seed(FAMILY_SEED)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():

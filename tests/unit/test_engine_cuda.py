@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from common.model_files import resolve
+from tests.support.tiny_families import build_family_model, family_configs
 from worker.graphs import DecodeGraphs
 from worker.model import load_model
+from worker.models import FAMILIES
 
 from .test_engine import PROMPTS, generated_ids, job, run_engine
 from .test_graphs import _arrivals as _growing_arrivals
@@ -79,3 +81,39 @@ def test_replayed_graphs_compute_exactly_what_the_eager_step_computes(cuda_bf16)
     for rid in ("r0", "r1", "long", "r2", "r3", "r4"):
         assert generated_ids(got, rid) == generated_ids(want, rid), rid
         assert [e.token.logprob for e in got.events_for(rid)] == [e.token.logprob for e in want.events_for(rid)]
+
+
+@pytest.fixture(scope="module", params=sorted(family_configs()))
+def cuda_family(request, tmp_path_factory):
+    """(model_type, its tiny checkpoint loaded on CUDA in fp32, in bf16, and on CPU in fp32)."""
+    path = build_family_model(request.param, tmp_path_factory.mktemp(f"cuda-{request.param}"))
+    return (request.param, load_model(resolve(str(path)), "", "cuda", "fp32", 1),
+            load_model(resolve(str(path)), "", "cuda", "bf16", 1), load_model(resolve(str(path)), "", "cpu", "fp32", 1))
+
+
+def test_every_family_runs_fused_with_decode_graphs_on_cuda(cuda_family):
+    kind, fp32, bf16, _ = cuda_family
+    for loaded in (fp32, bf16):
+        assert type(loaded.fast) is FAMILIES[kind]
+        assert loaded.graphs is not None and loaded.graphs.capture
+
+
+def test_every_familys_cuda_greedy_tokens_equal_the_cpu_ones_alone_and_batched(cuda_family):
+    kind, fp32, _, cpu = cuda_family
+    _, _, on_gpu = run_engine(fp32, _arrivals())
+    assert fp32.graphs.captures > 0 and fp32.graphs.capture
+    _, _, on_cpu = run_engine(cpu, _arrivals())
+    for i, p in enumerate(PROMPTS):
+        rid = f"r{i}"
+        _, _, alone = run_engine(fp32, {0: [job(rid, p, n=6 + 2 * i)]})
+        assert generated_ids(on_gpu, rid) == generated_ids(alone, rid) == generated_ids(on_cpu, rid), (kind, rid)
+
+
+def test_every_familys_replayed_graphs_compute_what_its_eager_step_computes(cuda_family):
+    kind, _, bf16, _ = cuda_family
+    eager = dataclasses.replace(bf16, graphs=DecodeGraphs(bf16.fast, bf16.model.get_output_embeddings(),
+                                                          bf16.fast.final_softcap, capture=False))
+    _, _, want = run_engine(eager, _growing_arrivals())
+    _, _, got = run_engine(bf16, _growing_arrivals())
+    for rid in ("r0", "r1", "long", "r2", "r3", "r4"):
+        assert generated_ids(got, rid) == generated_ids(want, rid), (kind, rid)

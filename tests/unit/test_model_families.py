@@ -151,3 +151,24 @@ def test_transformers_forward_gives_the_same_greedy_tokens_as_generate(family):
     arrivals = {0: [job("long", prompt, n=n), job("short", PROMPTS[0], n=4)]}
     _, _, sink = run_engine(plain, arrivals)
     assert generated_ids(sink, "long") == want[0, len(prompt):].tolist(), kind
+
+
+def test_in_place_decode_gives_the_ordinary_forwards_tokens_and_logprobs(family):
+    """The step CUDA graphs record (run eagerly here), with its sliding-window masks and soft-caps."""
+    import dataclasses
+
+    from worker.graphs import DecodeGraphs
+
+    from .test_graphs import _arrivals
+
+    kind, _, loaded = family
+    graphs = DecodeGraphs(loaded.fast, loaded.model.get_output_embeddings(), loaded.fast.final_softcap, capture=False)
+    in_place = dataclasses.replace(loaded, graphs=graphs)
+    _, _, want = run_engine(loaded, _arrivals())
+    _, _, got = run_engine(in_place, _arrivals())
+    for rid, n in (("r0", 6), ("r1", 9), ("long", 45), ("r2", 12), ("r3", 3), ("r4", 20)):
+        assert generated_ids(got, rid) == generated_ids(want, rid), (kind, rid)
+        assert len(generated_ids(got, rid)) == n
+        a = torch.tensor([e.token.logprob for e in want.events_for(rid)])
+        b = torch.tensor([e.token.logprob for e in got.events_for(rid)])
+        assert torch.allclose(a, b, atol=1e-4), (kind, rid)
