@@ -251,6 +251,10 @@ def _batch_families(fields: dict[str, float]) -> Iterable[Family]:
                    for m in METHODS if f"inference_{kind}:{m}" in fields]
         if samples:
             yield Family(name, "counter", samples)
+    if "prefix_cache_hit_tokens" in fields or "prefix_cache_miss_tokens" in fields:
+        for kind in ("hit", "miss"):
+            name = f"tgq_prefix_cache_{kind}_tokens"
+            yield Family(f"{name}_total", "counter", [(f"{name}_total", {}, fields.get(f"prefix_cache_{kind}_tokens", 0.0))])
     layout = metrics_spec.duration_buckets()
     samples = []
     for m in METHODS:

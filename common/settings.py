@@ -189,6 +189,14 @@ class WorkerSettings:
     cpu_kernels: bool = _opt(True, "on an AVX-512 CPU in bf16, run the fused forward's decode attention, residual "
                                    "adds with norms, rotary embedding and greedy choice as C++ kernels (compiled "
                                    "once into the cache with g++, or $CXX; torch's ops without a compiler)")
+    kv_cache: str = _opt("slot", "KV cache layout: 'paged' (fixed-size blocks in one pool, per-row block tables; "
+                                 "needed for --prefix-cache; fused forward only) or 'slot' (dense per-batch buffers)",
+                         choices=("slot", "paged"))
+    prefix_cache: bool = _opt(True, "with --kv-cache paged: reuse the keys and values of cached prompt prefixes "
+                                    "(system prompts, earlier turns) instead of recomputing them")
+    kv_block_size: int = _opt(16, "tokens per block of the paged KV cache")
+    prefix_cache_tokens: int = _opt(8192, "KV slots the paged cache holds beyond the running batch's token budget, "
+                                          "for cached prefixes (least recently used go first)")
     max_batch_total_tokens: int = _opt(0, "token budget of the running batch (0: max_batch_size * max_total_tokens)")
     max_batch_prefill_tokens: int = _opt(4096, "most prompt tokens admitted (and prefilled) at once")
     prefill_chunk_tokens: int = _opt(512, "while rows decode, most prompt tokens prefilled between two decode "
@@ -215,6 +223,8 @@ class WorkerSettings:
             raise SettingsError("`max_batch_prefill_tokens` must be >= 1")
         if self.prefill_chunk_tokens < 0:
             raise SettingsError("`prefill_chunk_tokens` must be >= 0")
+        if self.kv_block_size < 1 or self.prefix_cache_tokens < 0:
+            raise SettingsError("`kv_block_size` must be >= 1 and `prefix_cache_tokens` >= 0")
         if self.lease_ttl < 2 or self.max_attempts < 1:
             raise SettingsError("`lease_ttl` must be >= 2 and `max_attempts` >= 1")
         if self.waiting_served_ratio < 0:

@@ -12,6 +12,7 @@ from common.schemas import (FinalEvent, FinishReason, GenerationJob, PrefillToke
 
 from .detokenize import IncrementalDecoder
 from .kvcache import SlotCache
+from .paged.cache import PagedCache
 from .sampling import SamplingBatch
 from .stopping import StoppingCriteria
 
@@ -123,7 +124,7 @@ def _merged(ours: torch.Tensor | None, theirs: torch.Tensor | None) -> torch.Ten
 class Batch:
     """Rows decoded together. `filter` and `concatenate` mutate it in place and return None."""
     rows: list[Row]
-    cache: SlotCache
+    cache: SlotCache | PagedCache
     mask: torch.Tensor  # [B, T] bool over the cached columns
     next_pos: torch.Tensor  # [B] position of the token in `last_ids`
     last_ids: torch.Tensor  # [B] token to feed at the next decode step (not yet in the cache)

@@ -20,6 +20,9 @@ from .batch import Batch, Row, new_rows
 from .detokenize import make_decoder
 from .metrics import EngineMetrics
 from .model import LoadedModel, forward
+from .paged.blocks import BlockPool
+from .paged.cache import KVPool
+from .paged.prefill import PagedPrefill
 from .prefill import PendingPrefill
 from .sampling import Choice, choose, make_generator
 from .scheduler import Budget, Entry, Scheduler, prefill_groups
@@ -74,10 +77,30 @@ class Engine:
         self._decode_final: Callable[[list[int]], str] = (
             lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
         self._num_layers = int(loaded_model.model.config.num_hidden_layers)
+        self.blocks: BlockPool | None = None
+        self.kv: KVPool | None = None
+        if worker_settings.kv_cache == "paged":
+            self._make_paged_cache()
         # Plain greedy batches: argmax and logprob of the bf16 logits in one compiled pass (worker/cpu_kernels.py).
         fast = loaded_model.fast
         self._greedy: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = (
             fast.kernels.greedy if fast is not None and fast.kernel_greedy else None)
+
+    def _make_paged_cache(self) -> None:
+        """The block pool: the running batch's whole token budget (one partly filled block per row on
+        top), plus room for cached prefixes."""
+        fast, s = self.loaded.fast, self.settings
+        if fast is None:
+            log.warning("--kv-cache paged needs the fused forward; this model keeps the slot cache")
+            return
+        bs = s.kv_block_size
+        tokens = self.scheduler.budget.max_batch_total_tokens + s.prefix_cache_tokens
+        num_blocks = -(-tokens // bs) + s.max_batch_size
+        self.blocks = BlockPool(num_blocks, bs, prefix_cache=s.prefix_cache)
+        self.kv = KVPool(len(fast.layers), num_blocks, bs, fast.n_kv, fast.head_dim, self.loaded.dtype,
+                         self.loaded.device)
+        log.info("paged KV cache: %d blocks of %d tokens, prefix cache %s", num_blocks, bs,
+                 "on" if s.prefix_cache else "off")
 
     # ---- one step -------------------------------------------------------------------------------
 
@@ -142,7 +165,11 @@ class Engine:
                 events.append(error)
                 leaving.append((job, error))
                 continue
-            self.scheduler.add(Entry(job.request_id, job, len(job.input_ids), job.stopping.max_new_tokens))
+            cached = 0
+            if self.blocks is not None and not job.want_prefill:
+                cached = len(self.blocks.cached_prefix(job.input_ids)) * self.blocks.block_size
+            self.scheduler.add(Entry(job.request_id, job, len(job.input_ids), job.stopping.max_new_tokens,
+                                     cached_tokens=cached))
 
     def _invalid(self, job: GenerationJob) -> str | None:
         """Why the model cannot run this job (None if it can)."""
@@ -162,6 +189,11 @@ class Engine:
         """Queue newcomers for prefill, in groups of similar prompt length."""
         self.metrics.observe_next_size(len(jobs))
         rows = new_rows(jobs, self.loaded.eos_token_id, self._decode, make_generator, time.time())
+        if self.blocks is not None and self.kv is not None:  # packed without padding: one group
+            hit, miss = self.blocks.hit_tokens, self.blocks.miss_tokens
+            self.pending.append(PagedPrefill(rows, self.loaded, self.blocks, self.kv))
+            self.metrics.observe_prefix_cache(self.blocks.hit_tokens - hit, self.blocks.miss_tokens - miss)
+            return
         for group in prefill_groups([r.prompt_len for r in rows]):
             self.pending.append(PendingPrefill([rows[i] for i in group], self.loaded, self._num_layers,
                                                self.settings.max_batch_size))
@@ -188,6 +220,7 @@ class Engine:
             except Exception as exc:  # the error boundary: fail this prefill's rows, keep serving
                 if self.pending and self.pending[0] is group:
                     self.pending.popleft()
+                group.cache.release()
                 self._fail([r for r in group.rows if r.active], exc, "prefill", time.perf_counter() - t0,
                            events, leaving)
                 continue
@@ -202,11 +235,11 @@ class Engine:
 
     def _first_tokens(self, group: PendingPrefill, logits: torch.Tensor, events: list[Event]) -> Batch:
         """The fully prefilled group becomes a batch with each row's first token chosen and emitted."""
-        rows, inputs = group.rows, group.inputs
+        rows, mask = group.rows, group.batch_mask()
         for i, row in enumerate(rows):
             if row.job.want_prefill:
                 row.prefill = group.prefill_details(i, self._decode_one)
-        batch = Batch(rows=rows, cache=group.cache, mask=inputs.mask, next_pos=inputs.mask.sum(dim=1),
+        batch = Batch(rows=rows, cache=group.cache, mask=mask, next_pos=mask.sum(dim=1),
                       last_ids=torch.zeros(len(rows), dtype=torch.long, device=self.loaded.device),
                       vocab_size=self.loaded.vocab_size, device=self.loaded.device)
         choice = self._choose(logits, batch)
@@ -242,6 +275,7 @@ class Engine:
             self._emit(batch, choice, events)
         except Exception as exc:  # the error boundary: fail the whole batch, keep serving
             self.batch = None
+            batch.cache.release()
             self._fail(batch.rows, exc, "decode", time.perf_counter() - t0, events, leaving)
             return
         self.metrics.observe_inference("decode", time.perf_counter() - t0, True)

@@ -156,6 +156,12 @@ class SlotCache(Cache):
     def length(self) -> int:
         return self.slot_layers[0].get_seq_length() if self.layers else 0
 
+    def release(self) -> None:
+        """Every row leaves (a failed forward): the buffers go."""
+        for layer in self.slot_layers:
+            layer.kbuf = layer.vbuf = layer.keys = layer.values = torch.empty(0)
+            layer.rows = layer.start = layer.end = 0
+
     def compact(self, holes: list[int], movers: list[int], rows: int, drop_front: int = 0) -> None:
         for layer in self.slot_layers:
             layer.compact(holes, movers, rows, drop_front)

@@ -45,6 +45,14 @@ class _Histogram:
         yield f"{name}_count", labels, float(self.count)
 
 
+def prefix_cache_families(tokens: dict[str, float]) -> Iterator[Metric]:
+    """tgq_prefix_cache_{hit,miss}_tokens_total from the counts {"hit": n, "miss": n}."""
+    for kind, what in (("hit", "held by the prefix cache"), ("miss", "computed with the prefix cache on")):
+        family = Metric(f"tgq_prefix_cache_{kind}_tokens", f"Prompt tokens {what}", "counter")
+        family.add_sample(f"tgq_prefix_cache_{kind}_tokens_total", {}, float(tokens.get(kind, 0.0)))
+        yield family
+
+
 class EngineMetrics(Collector):
     """Records batch figures once; exposes them as TGI-named families and as pending Redis hash increments."""
 
@@ -56,6 +64,7 @@ class EngineMetrics(Collector):
         self._counts = {(kind, m): 0 for kind in ("count", "success", "failure") for m in METHODS}
         self._durations = {m: _Histogram(duration_buckets()) for m in METHODS}
         self._pending: dict[str, float] = {}
+        self.prefix_tokens = {"hit": 0, "miss": 0}  # prompt tokens the prefix cache held / did not hold
         self.round_trips: Callable[[], int] | None = None  # the worker's Redis round trips so far, if counted
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -88,6 +97,14 @@ class EngineMetrics(Collector):
                 i = self._durations[method].observe(seconds)
                 self._add(f"inference_duration_sum:{method}", seconds)
                 self._add(f"inference_duration_bucket:{method}:{i}", 1.0)
+
+    def observe_prefix_cache(self, hit: int, miss: int) -> None:
+        """Prompt tokens whose keys and values a paged prefix cache held (hit) or that were computed (miss)."""
+        with self._lock:
+            for kind, n in (("hit", hit), ("miss", miss)):
+                if n:
+                    self.prefix_tokens[kind] += n
+                    self._add(f"prefix_cache_{kind}_tokens", float(n))
 
     def take_increments(self) -> dict[str, float]:
         """Hash-field increments since the last call (see common.metrics_spec); the sink HINCRBYFLOATs them
@@ -124,6 +141,8 @@ class EngineMetrics(Collector):
                         dur.add_sample(name, labels, value)
             if dur.samples:
                 yield dur
+            if any(self.prefix_tokens.values()):
+                yield from prefix_cache_families(self.prefix_tokens)
         if self.model:
             info = Metric("tgq_worker_info", "1 per live worker process, labelled with the model it serves",
                           "gauge")

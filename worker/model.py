@@ -164,7 +164,8 @@ class ForwardOut:
 
 @torch.inference_mode()
 def forward(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            position_ids: torch.Tensor, cache: Any, logits_to_keep: int = 1) -> ForwardOut:
+            position_ids: torch.Tensor, cache: Any, logits_to_keep: int = 1,
+            keep: torch.Tensor | None = None) -> ForwardOut:
     """One model call; `attention_mask` is a prepared 4D bool mask [B, 1, q, kv] (True = attend).
 
     The LM head runs here on a contiguous 2-D slice of the hidden states: given the strided
@@ -179,9 +180,11 @@ def forward(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.
     else:
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=decoder_masks(model, attention_mask),
                                      position_ids=position_ids, cache=cache, use_cache=True).last_hidden_state
-    if logits_to_keep:
+    if keep is not None:  # these positions only (a packed prefill's last prompt positions)
+        hidden = hidden[:, keep, :]
+    elif logits_to_keep:
         hidden = hidden[:, -logits_to_keep:, :]
     b, t, h = hidden.shape
     head = model.get_output_embeddings()
-    logits = head_logits(head, hidden.reshape(b * t, h).contiguous(), loaded.logit_softcap).view(b, t, -1)
+    logits = head_logits(head, hidden.reshape(b * t, h).contiguous(), loaded.logit_softcap).view(b, t, loaded.vocab_size)
     return ForwardOut(logits=logits, cache=cache)

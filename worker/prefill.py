@@ -38,6 +38,10 @@ class PendingPrefill:
     def width(self) -> int:
         return int(self.inputs.input_ids.shape[1])
 
+    def batch_mask(self) -> torch.Tensor:
+        """[n, width] bool: which columns of the group's cache hold a row's tokens."""
+        return self.inputs.mask
+
     @property
     def remaining_tokens(self) -> int:
         """Padded tokens still to feed."""

@@ -36,6 +36,11 @@ class Entry(Generic[T]):
     item: T
     prompt_tokens: int
     max_new_tokens: int
+    cached_tokens: int = 0  # prompt tokens a prefix cache holds already: not computed again
+
+    @property
+    def prefill_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
 
     @property
     def reserved(self) -> int:
@@ -116,14 +121,14 @@ class Scheduler(Generic[T]):
         for e in self.waiting:
             if len(chosen) >= max_size:
                 break
-            fits_prefill = prefill + e.prompt_tokens <= self.budget.max_batch_prefill_tokens
+            fits_prefill = prefill + e.prefill_tokens <= self.budget.max_batch_prefill_tokens
             fits_total = total + e.reserved <= token_budget
             if fits_prefill and fits_total:
                 chosen.append(e)
-                prefill += e.prompt_tokens
+                prefill += e.prefill_tokens
                 total += e.reserved
                 continue
-            if not chosen and (alone_ok or (fits_total and e.prompt_tokens > self.budget.max_batch_prefill_tokens)):
+            if not chosen and (alone_ok or (fits_total and e.prefill_tokens > self.budget.max_batch_prefill_tokens)):
                 # A head that can never fit the prefill budget (or, on an idle worker, the total
                 # budget) is prefilled on its own; otherwise strict FIFO waits for room.
                 chosen.append(e)

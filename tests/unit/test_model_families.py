@@ -24,14 +24,6 @@ FAMILIES = sorted(family_configs())
 PROMPTS = [[5, 900, 33], [17, 2000, 3000, 44, 45, 46, 47, 48, 49], list(range(1000, 1021)), [100, 200, 300, 400, 500]]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request, tmp_path_factory):
-    """(model_type, model directory, its model loaded by tgq in fp32)."""
-    kind = request.param
-    path = build_family_model(kind, tmp_path_factory.mktemp(f"tiny-{kind}"))
-    return kind, path, load_model(resolve(str(path)), "", "cpu", "fp32", 1)
-
-
 def _reference(path, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
 

@@ -40,6 +40,7 @@ from torch import nn
 from ..cpu_kernels import CpuKernels
 from ..kvcache import SlotCache, SlotLayer
 from ..packed import PackedLinear
+from ..paged.cache import DecodeStep, PagedCache, PrefillStep
 from . import layers as L
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
@@ -293,7 +294,10 @@ class FusedDecoder:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  cache: SlotCache) -> torch.Tensor:
-        """Hidden states [B, T, H] after the final norm; `attention_mask` is [B, 1, T, window] bool."""
+        """Hidden states [B, T, H] after the final norm; `attention_mask` is [B, 1, T, window] bool (a
+        PagedCache ignores it: its step says what each row attends to)."""
+        if isinstance(cache, PagedCache):
+            return self._paged(input_ids, position_ids, cache)
         b, t = input_ids.shape
         x = self.embed(input_ids)
         cos, sin = L.rope_factors(*self._rotary(x, position_ids))
@@ -353,6 +357,46 @@ class FusedDecoder:
             attn = self._decode_attention(q, kbuf, vbuf, grouped[layer.window])
             x, h = self._finish(layer, x, attn, next_norm)
         return h
+
+    # ---- the forward over a paged cache -----------------------------------------------------------
+
+    def _paged(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: PagedCache) -> torch.Tensor:
+        """The forward through the paged cache: a prefill of packed prompt tokens [1, N] laid out by the
+        cache's PrefillStep, else a decode step of one token per row [B, 1]."""
+        x = self.embed(input_ids)
+        cos, sin = L.rope_factors(*self._rotary(x, position_ids))
+        step = cache.step if isinstance(cache.step, PrefillStep) else cache.begin_decode(self.windows, x.dtype)
+        kv = cache.kv
+        grouped = None
+        if isinstance(step, DecodeStep) and not self.kernel_attention:
+            grouped = {w: L.grouped_bias(bias, self.n_q, self.n_kv) for w, bias in step.biases.items()}
+        h = self._norm(x, self.layers[0].norm1)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._project(layer, h, cos, sin)
+            if isinstance(step, DecodeStep):
+                kv.write(i, step.slots, k[:, :, 0], v[:, :, 0])
+                keys, values = kv.gather(i, step.tables)
+                bias = step.biases[layer.window] if grouped is None else grouped[layer.window]
+                attn = self._attend_decode(q, keys, values, bias)
+            else:
+                kv.write(i, step.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+                attn = self._paged_prefill_attention(i, q, kv, step, layer.window)
+            x, h = self._finish(layer, x, attn, self._next_norms[i])
+        return h
+
+    def _paged_prefill_attention(self, layer: int, q: torch.Tensor, kv: Any, step: PrefillStep,
+                                 window: int | None) -> torch.Tensor:
+        """Each row's new queries against its whole context (cached prefix, earlier chunks, these tokens)."""
+        out = []
+        for start, n, length, table in zip(step.starts, step.counts, step.lengths, step.tables):
+            keys, values = kv.gather(layer, table[None])
+            keys, values = keys[:, :, :length], values[:, :, :length]
+            queries = torch.arange(length - n, length, device=q.device)[:, None]
+            mask = (torch.arange(length, device=q.device)[None, :] <= queries)[None, None]
+            if window is not None:
+                mask = L.sliding_mask(mask, window)
+            out.append(L.prefill_attention(q[:, :, start:start + n], keys, values, mask, self.scale, self.attn_softcap))
+        return torch.cat(out, dim=1)
 
     @staticmethod
     def _column_bias(mask: torch.Tensor, slots: SlotLayer) -> torch.Tensor:
