@@ -84,6 +84,30 @@ def _check_buffer(buf: torch.Tensor) -> None:
         raise ValueError("cpu kernels: unexpected KV buffer layout")
 
 
+class _Blocks:
+    """Where the C++ attention finds column c of (row r, KV head h): a dense buffer [B, n_kv, C, D] is one
+    block of C columns per row (`dense`: rows `row_stride` apart, a one-entry table holding 0); a paged
+    pool [blocks, n_kv, block_size, D] (row_stride 0) is read through each row's block table, its
+    blocks `stride(0)` apart."""
+
+    def __init__(self, tensor: torch.Tensor, row_stride: int, table: torch.Tensor, table_row: int,
+                 block_size: int | None = None) -> None:
+        _check_buffer(tensor)
+        self.tensor, self.row_stride, self.table, self.table_row = tensor, row_stride, table, table_row
+        self.heads = tensor.shape[1]
+        self.block_size = block_size if block_size is not None else tensor.shape[2]
+        self.block_stride = tensor.stride(0) if block_size is None else 0
+
+    @classmethod
+    def dense(cls, buf: torch.Tensor, zero_table: torch.Tensor) -> _Blocks:
+        return cls(buf, buf.stride(0), zero_table, 0, block_size=buf.shape[2])
+
+    def args(self) -> tuple[int, ...]:
+        t = self.tensor
+        return (t.data_ptr(), self.row_stride, t.stride(1), self.table.data_ptr(), self.table_row, self.block_size,
+                self.block_stride)
+
+
 class CpuKernels:
     """The compiled kernels, called on bf16 CPU tensors."""
 
@@ -96,8 +120,11 @@ class CpuKernels:
             return fn
 
         i64, ptr, f32, status = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-        self._scores = bind("tgq_scores", status, ptr, i64, ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, f32)
-        self._mix = bind("tgq_mix", status, ptr, ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64)
+        self._scores = bind("tgq_scores", status, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64,
+                            i64, i64, i64, i64, f32)
+        self._mix = bind("tgq_mix", status, ptr, ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, i64,
+                         i64)
+        self._dense = torch.zeros(1, dtype=torch.long)  # the block table of a dense buffer: one block, at 0
         self._rms_norm = bind("tgq_rms_norm", status, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, f32)
         self._rope = bind("tgq_rope", None, ptr, i64, ptr, ptr, ptr, i64, i64, i64)
         self._greedy = bind("tgq_greedy", None, ptr, i64, ptr, ptr, i64, i64)
@@ -114,30 +141,43 @@ class CpuKernels:
         column_bias [B, C] (0 or -inf, rows contiguous) -> [B, 1, n_q * D]."""
         return self.mix(torch.softmax(self.scores(q, kbuf, column_bias, scale), dim=-1), vbuf, column_bias)
 
+    def paged_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                        column_bias: torch.Tensor, scale: float) -> torch.Tensor:
+        """The same through the paged cache: pools [blocks, n_kv, block_size, D] (worker.paged.cache.KVPool),
+        tables [B, W] int64 (each row's blocks), column_bias [B, W * block_size] over each row's columns."""
+        if tables.dtype != torch.long or tables.stride(1) != 1:
+            raise ValueError("cpu kernels: unexpected block table layout")
+        k, v = (_Blocks(pool, 0, tables, tables.stride(0)) for pool in (k_pool, v_pool))
+        scores = self._scores_of(q, k, column_bias, scale, tables.shape[0])
+        return self._mix_of(torch.softmax(scores, dim=-1), v, column_bias, tables.shape[0])
+
     def scores(self, q: torch.Tensor, kbuf: torch.Tensor, column_bias: torch.Tensor, scale: float) -> torch.Tensor:
         """bias + scale * q k^T per KV head and grouped query head: [B * n_kv, groups, C], bf16."""
-        b, n_q, _, d = q.shape
-        n_kv, columns = kbuf.shape[1], kbuf.shape[2]
-        if q.dtype != BF16 or (q.stride(1), q.stride(3)) != (d, 1) or column_bias.stride(1) != 1:
-            raise ValueError("cpu kernels: unexpected query or bias layout")
-        _check_buffer(kbuf)
-        out = torch.empty(b * n_kv, n_q // n_kv, columns, dtype=BF16)
-        if self._scores(q.data_ptr(), q.stride(0), kbuf.data_ptr(), kbuf.stride(0), kbuf.stride(1),
-                        column_bias.data_ptr(), column_bias.stride(0), out.data_ptr(), b, n_kv, n_q // n_kv,
-                        columns, d, scale):
-            raise ValueError(f"cpu kernels: attention with head size {d} and {n_q // n_kv} groups not built")
-        return out
+        return self._scores_of(q, _Blocks.dense(kbuf, self._dense), column_bias, scale, kbuf.shape[0])
 
     def mix(self, probs: torch.Tensor, vbuf: torch.Tensor, column_bias: torch.Tensor) -> torch.Tensor:
         """probs [B * n_kv, groups, C] (contiguous) times the values: [B, 1, n_q * D], bf16."""
-        b, n_kv, columns, d = vbuf.shape
+        return self._mix_of(probs, _Blocks.dense(vbuf, self._dense), column_bias, vbuf.shape[0])
+
+    def _scores_of(self, q: torch.Tensor, k: _Blocks, column_bias: torch.Tensor, scale: float, b: int) -> torch.Tensor:
+        n_q, d = q.shape[1], q.shape[3]
+        n_kv, columns = k.heads, column_bias.shape[1]
+        if q.dtype != BF16 or (q.stride(1), q.stride(3)) != (d, 1) or column_bias.stride(1) != 1:
+            raise ValueError("cpu kernels: unexpected query or bias layout")
+        out = torch.empty(b * n_kv, n_q // n_kv, columns, dtype=BF16)
+        if self._scores(q.data_ptr(), q.stride(0), *k.args(), column_bias.data_ptr(), column_bias.stride(0),
+                        out.data_ptr(), b, n_kv, n_q // n_kv, columns, d, scale):
+            raise ValueError(f"cpu kernels: attention with head size {d} and {n_q // n_kv} groups not built")
+        return out
+
+    def _mix_of(self, probs: torch.Tensor, v: _Blocks, column_bias: torch.Tensor, b: int) -> torch.Tensor:
+        n_kv, d, columns = v.heads, v.tensor.shape[3], column_bias.shape[1]
         groups = probs.shape[1]
-        _check_buffer(vbuf)
         if not probs.is_contiguous() or probs.dtype != BF16 or probs.shape != (b * n_kv, groups, columns):
             raise ValueError("cpu kernels: unexpected probabilities layout")
         out = torch.empty(b, 1, n_kv * groups * d, dtype=BF16)
-        if self._mix(probs.data_ptr(), vbuf.data_ptr(), vbuf.stride(0), vbuf.stride(1), column_bias.data_ptr(),
-                     column_bias.stride(0), out.data_ptr(), b, n_kv, groups, columns, d):
+        if self._mix(probs.data_ptr(), *v.args(), column_bias.data_ptr(), column_bias.stride(0), out.data_ptr(), b,
+                     n_kv, groups, columns, d):
             raise ValueError(f"cpu kernels: attention with head size {d} and {groups} groups not built")
         return out
 

@@ -275,3 +275,23 @@ def test_engine_takes_plain_greedy_rows_through_the_kernel(tiny_model_dir, tmp_p
         for (_, _, top), (_, _, reference_top) in zip(got, want):
             assert [t.id for t in top] == [t.id for t in reference_top] and len(top) == (4 if rid == "c" else 0)
             assert all(abs(t.logprob - r.logprob) < 1e-5 for t, r in zip(top, reference_top))
+
+
+def test_paged_attention_reads_scrambled_blocks_as_the_dense_kernel_reads_a_buffer(kernel):
+    """The paged cache's layout: each row's columns in blocks of 16 anywhere in a pool, through its block table."""
+    rows, n_q, n_kv, d, columns, bs = 5, 9, 3, 64, 45, 16
+    q, kbuf, vbuf, bias = _inputs(rows, n_q, n_kv, d, columns, seed=3)
+    blocks = -(-columns // bs)
+    tables = torch.randperm(rows * blocks + 2)[:rows * blocks].view(rows, blocks)
+    pools = []
+    for buf in (kbuf, vbuf):
+        wide = torch.zeros(rows, n_kv, blocks * bs, d, dtype=BF16)
+        wide[:, :, :columns] = buf
+        pool = torch.full((rows * blocks + 2, n_kv, bs, d), 1e4).to(BF16)  # unused blocks: huge, never read
+        pool[tables.reshape(-1)] = wide.view(rows, n_kv, blocks, bs, d).transpose(1, 2).reshape(-1, n_kv, bs, d)
+        pools.append(pool)
+    wide_bias = torch.full((rows, blocks * bs), float("-inf"), dtype=BF16)
+    wide_bias[:, :columns] = bias
+    want = kernel.attention(q, kbuf, vbuf, bias, 0.125)
+    got = kernel.paged_attention(q, pools[0], pools[1], tables, wide_bias, 0.125)
+    assert torch.equal(got, want)

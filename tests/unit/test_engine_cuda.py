@@ -117,3 +117,18 @@ def test_every_familys_replayed_graphs_compute_what_its_eager_step_computes(cuda
     _, _, got = run_engine(bf16, _growing_arrivals())
     for rid in ("r0", "r1", "long", "r2", "r3", "r4"):
         assert generated_ids(got, rid) == generated_ids(want, rid), (kind, rid)
+
+
+def test_every_familys_paged_decode_graphs_give_the_cpu_tokens(cuda_family):
+    """The paged KV cache on CUDA: decode steps replayed as graphs through the block tables."""
+    from common.settings import WorkerSettings
+
+    kind, fp32, _, cpu = cuda_family
+    paged = WorkerSettings(max_batch_size=8, waiting_served_ratio=0.0, kv_cache="paged", kv_block_size=4)
+    captured = fp32.paged_graphs.captures
+    eng, _, on_gpu = run_engine(fp32, _arrivals(), settings=paged)
+    assert fp32.paged_graphs.captures > captured and fp32.paged_graphs.capture
+    _, _, on_cpu = run_engine(cpu, _arrivals(), settings=paged)
+    for i in range(len(PROMPTS)):
+        assert generated_ids(on_gpu, f"r{i}") == generated_ids(on_cpu, f"r{i}"), (kind, i)
+    assert eng.blocks.free_blocks == eng.blocks.num_blocks

@@ -79,3 +79,44 @@ def test_a_request_for_prompt_logprobs_computes_its_whole_prompt(family):
     assert torch.allclose(torch.tensor([t.logprob for t in got[1:]]), torch.tensor([t.logprob for t in want[1:]]),
                           atol=1e-4), kind
     assert eng.blocks.hit_tokens == 0  # "a" registered the prefix, "b" did not use it
+
+
+def test_the_paged_in_place_decode_step_gives_the_paged_forwards_tokens(family):
+    """The step CUDA graphs record through the block tables (run eagerly here), with padded row buckets."""
+    from worker.paged.graphs import PagedDecodeGraphs
+
+    kind, _, loaded = family
+    graphs = PagedDecodeGraphs(loaded.fast, loaded.model.get_output_embeddings(), loaded.fast.final_softcap,
+                               capture=False)
+    in_place = dataclasses.replace(loaded, paged_graphs=graphs)
+    made = []
+    new_step = graphs._new_step
+    graphs._new_step = lambda rows, width, device: made.append((rows, width)) or new_step(rows, width, device)
+    _, _, want = run_engine(loaded, _arrivals(), settings=PAGED)
+    eng, _, got = run_engine(in_place, _arrivals(), settings=PAGED)
+    assert _tokens(got) == _tokens(want), kind
+    for rid in ("r1", "long"):
+        a = torch.tensor([e.token.logprob for e in want.events_for(rid)])
+        b = torch.tensor([e.token.logprob for e in got.events_for(rid)])
+        assert torch.allclose(a, b, atol=1e-4), (kind, rid)
+    assert {4, 8} <= {rows for rows, _ in made} and len({width for _, width in made}) >= 2  # padding ran
+    kv = eng.kv
+    for layer in range(len(loaded.fast.layers)):
+        assert torch.isfinite(kv.keys[layer]).all() and torch.isfinite(kv.values[layer]).all()
+
+
+def test_bf16_paged_decode_stays_close_to_the_slot_cache(family, tmp_path):
+    """bf16 (on an AVX-512 CPU the compiled attention reads the blocks through the tables): loose."""
+    from common.model_files import resolve
+    from worker.model import load_model
+
+    kind, path, _ = family
+    loaded = load_model(resolve(str(path)), "", "cpu", "bf16", 1, rows_hint=8)
+    _, _, slot = run_engine(loaded, _arrivals(), settings=SLOT)
+    _, _, paged = run_engine(loaded, _arrivals(), settings=PAGED)
+    same = [a == b for rid in ("r0", "r1", "long", "r2", "r3", "r4")
+            for a, b in zip(generated_ids(slot, rid), generated_ids(paged, rid))]
+    assert sum(same) >= 0.8 * len(same), kind
+    a = torch.tensor([e.token.logprob for e in slot.events_for("r1")][:3])
+    b = torch.tensor([e.token.logprob for e in paged.events_for("r1")][:3])
+    assert torch.allclose(a, b, atol=0.1, rtol=0.05), kind

@@ -1,6 +1,7 @@
 // bf16 kernels for the fused Llama forward on x86-64 CPUs with AVX-512 (worker/cpu_kernels.py).
 //
-// Decode attention, one query token per row against the rows' KV buffers, in two passes around
+// Decode attention, one query token per row against the rows' KV buffers (dense, or the paged
+// cache's blocks through each row's block table), in two passes around
 // torch's softmax:
 //   tgq_scores:  scores[r, h, g, c] = bf16(bias[r, c] + scale * sum_d q[r, h*G + g, d] * k[r, h, c, d])
 //   tgq_mix:     out[r, (h*G + g)*D + d] = bf16(sum_c p[r, h, g, c] * v[r, h, c, d])
@@ -55,8 +56,17 @@ inline uint16_t to_bf16(float f) {
     return static_cast<uint16_t>(u >> 16);
 }
 
+// Where column c of (row r, KV head h) lives: k + r * kv_row + h * kv_head, then block c / block_size
+// of the row's block table (table + r * table_row) times block_stride, then (c % block_size) * D.
+// A dense buffer is one block of `columns` columns (a one-entry table holding 0); the paged KV
+// cache's pool is blocks of block_size columns with kv_row = 0.
+struct Blocks {
+    const int64_t* table;
+    int64_t table_row, block_size, block_stride;
+};
+
 template <int NCH>
-void scores(const uint16_t* q, int64_t q_row, const uint16_t* k, int64_t kv_row, int64_t kv_head,
+void scores(const uint16_t* q, int64_t q_row, const uint16_t* k, int64_t kv_row, int64_t kv_head, Blocks blocks,
             const uint16_t* bias, int64_t bias_row, uint16_t* out, int64_t rows, int64_t heads,
             int64_t groups, int64_t columns, float scale) {
     constexpr int64_t D = NCH * 16;
@@ -70,25 +80,30 @@ void scores(const uint16_t* q, int64_t q_row, const uint16_t* k, int64_t kv_row,
         __m512 qv[kMaxGroups][NCH];
         for (int64_t g = 0; g < groups; ++g)
             for (int j = 0; j < NCH; ++j) qv[g][j] = load16(qr + g * D + j * 16);
-        for (int64_t c = 0; c < columns; ++c) {
-            if (br[c] == kNegInf) {
-                for (int64_t g = 0; g < groups; ++g) o[g * columns + c] = kNegInf;
-                continue;
-            }
-            const float b = to_float(br[c]);
-            __m512 kv[NCH];
-            for (int j = 0; j < NCH; ++j) kv[j] = load16(kr + c * D + j * 16);
-            for (int64_t g = 0; g < groups; ++g) {
-                __m512 acc = _mm512_mul_ps(qv[g][0], kv[0]);
-                for (int j = 1; j < NCH; ++j) acc = _mm512_fmadd_ps(qv[g][j], kv[j], acc);
-                o[g * columns + c] = to_bf16(b + scale * _mm512_reduce_add_ps(acc));
+        const int64_t* tr = blocks.table + r * blocks.table_row;
+        for (int64_t c0 = 0, blk = 0; c0 < columns; c0 += blocks.block_size, ++blk) {
+            const uint16_t* kb = kr + tr[blk] * blocks.block_stride;
+            const int64_t end = c0 + blocks.block_size < columns ? c0 + blocks.block_size : columns;
+            for (int64_t c = c0; c < end; ++c) {
+                if (br[c] == kNegInf) {
+                    for (int64_t g = 0; g < groups; ++g) o[g * columns + c] = kNegInf;
+                    continue;
+                }
+                const float b = to_float(br[c]);
+                __m512 kv[NCH];
+                for (int j = 0; j < NCH; ++j) kv[j] = load16(kb + (c - c0) * D + j * 16);
+                for (int64_t g = 0; g < groups; ++g) {
+                    __m512 acc = _mm512_mul_ps(qv[g][0], kv[0]);
+                    for (int j = 1; j < NCH; ++j) acc = _mm512_fmadd_ps(qv[g][j], kv[j], acc);
+                    o[g * columns + c] = to_bf16(b + scale * _mm512_reduce_add_ps(acc));
+                }
             }
         }
     }
 }
 
 template <int NCH>
-void mix(const uint16_t* p, const uint16_t* v, int64_t kv_row, int64_t kv_head, const uint16_t* bias,
+void mix(const uint16_t* p, const uint16_t* v, int64_t kv_row, int64_t kv_head, Blocks blocks, const uint16_t* bias,
          int64_t bias_row, uint16_t* out, int64_t rows, int64_t heads, int64_t groups, int64_t columns) {
     constexpr int64_t D = NCH * 16;
 #pragma omp parallel for schedule(static)
@@ -100,13 +115,18 @@ void mix(const uint16_t* p, const uint16_t* v, int64_t kv_row, int64_t kv_head, 
         __m512 acc[kMaxGroups][NCH];
         for (int64_t g = 0; g < groups; ++g)
             for (int j = 0; j < NCH; ++j) acc[g][j] = _mm512_setzero_ps();
-        for (int64_t c = 0; c < columns; ++c) {
-            if (br[c] == kNegInf) continue;
-            __m512 vv[NCH];
-            for (int j = 0; j < NCH; ++j) vv[j] = load16(vr + c * D + j * 16);
-            for (int64_t g = 0; g < groups; ++g) {
-                const __m512 w = _mm512_set1_ps(to_float(pr[g * columns + c]));
-                for (int j = 0; j < NCH; ++j) acc[g][j] = _mm512_fmadd_ps(w, vv[j], acc[g][j]);
+        const int64_t* tr = blocks.table + r * blocks.table_row;
+        for (int64_t c0 = 0, blk = 0; c0 < columns; c0 += blocks.block_size, ++blk) {
+            const uint16_t* vb = vr + tr[blk] * blocks.block_stride;
+            const int64_t end = c0 + blocks.block_size < columns ? c0 + blocks.block_size : columns;
+            for (int64_t c = c0; c < end; ++c) {
+                if (br[c] == kNegInf) continue;
+                __m512 vv[NCH];
+                for (int j = 0; j < NCH; ++j) vv[j] = load16(vb + (c - c0) * D + j * 16);
+                for (int64_t g = 0; g < groups; ++g) {
+                    const __m512 w = _mm512_set1_ps(to_float(pr[g * columns + c]));
+                    for (int j = 0; j < NCH; ++j) acc[g][j] = _mm512_fmadd_ps(w, vv[j], acc[g][j]);
+                }
             }
         }
         uint16_t* o = out + (r * heads + h) * groups * D;
@@ -230,24 +250,30 @@ void tgq_rope(const uint16_t* x, int64_t row_stride, const uint16_t* cos, const 
 }
 
 // Returns 0, or -1 for a head size or group count this build does not handle.
+// table [rows, table_row] int64: each row's blocks (block_size columns, block_stride elements apart);
+// a dense buffer passes one block of `columns` columns (table_row 0, a table holding 0).
 int tgq_scores(const uint16_t* q, int64_t q_row, const uint16_t* k, int64_t kv_row, int64_t kv_head,
+               const int64_t* table, int64_t table_row, int64_t block_size, int64_t block_stride,
                const uint16_t* bias, int64_t bias_row, uint16_t* out, int64_t rows, int64_t heads,
                int64_t groups, int64_t columns, int64_t head_dim, float scale) {
-    if (groups < 1 || groups > kMaxGroups) return -1;
+    if (groups < 1 || groups > kMaxGroups || block_size < 1) return -1;
+    const Blocks blocks{table, table_row, block_size, block_stride};
     switch (head_dim) {
-        case 64: scores<4>(q, q_row, k, kv_row, kv_head, bias, bias_row, out, rows, heads, groups, columns, scale); return 0;
-        case 128: scores<8>(q, q_row, k, kv_row, kv_head, bias, bias_row, out, rows, heads, groups, columns, scale); return 0;
+        case 64: scores<4>(q, q_row, k, kv_row, kv_head, blocks, bias, bias_row, out, rows, heads, groups, columns, scale); return 0;
+        case 128: scores<8>(q, q_row, k, kv_row, kv_head, blocks, bias, bias_row, out, rows, heads, groups, columns, scale); return 0;
         default: return -1;
     }
 }
 
-int tgq_mix(const uint16_t* p, const uint16_t* v, int64_t kv_row, int64_t kv_head, const uint16_t* bias,
+int tgq_mix(const uint16_t* p, const uint16_t* v, int64_t kv_row, int64_t kv_head, const int64_t* table,
+            int64_t table_row, int64_t block_size, int64_t block_stride, const uint16_t* bias,
             int64_t bias_row, uint16_t* out, int64_t rows, int64_t heads, int64_t groups, int64_t columns,
             int64_t head_dim) {
-    if (groups < 1 || groups > kMaxGroups) return -1;
+    if (groups < 1 || groups > kMaxGroups || block_size < 1) return -1;
+    const Blocks blocks{table, table_row, block_size, block_stride};
     switch (head_dim) {
-        case 64: mix<4>(p, v, kv_row, kv_head, bias, bias_row, out, rows, heads, groups, columns); return 0;
-        case 128: mix<8>(p, v, kv_row, kv_head, bias, bias_row, out, rows, heads, groups, columns); return 0;
+        case 64: mix<4>(p, v, kv_row, kv_head, blocks, bias, bias_row, out, rows, heads, groups, columns); return 0;
+        case 128: mix<8>(p, v, kv_row, kv_head, blocks, bias, bias_row, out, rows, heads, groups, columns); return 0;
         default: return -1;
     }
 }

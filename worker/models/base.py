@@ -40,7 +40,7 @@ from torch import nn
 from ..cpu_kernels import CpuKernels
 from ..kvcache import SlotCache, SlotLayer
 from ..packed import PackedLinear
-from ..paged.cache import DecodeStep, PagedCache, PrefillStep
+from ..paged.cache import DecodeStep, PagedCache, PrefillStep, decode_biases
 from . import layers as L
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
@@ -375,13 +375,36 @@ class FusedDecoder:
             q, k, v = self._project(layer, h, cos, sin)
             if isinstance(step, DecodeStep):
                 kv.write(i, step.slots, k[:, :, 0], v[:, :, 0])
-                keys, values = kv.gather(i, step.tables)
-                bias = step.biases[layer.window] if grouped is None else grouped[layer.window]
-                attn = self._attend_decode(q, keys, values, bias)
+                if grouped is None:  # the compiled kernel reads the blocks through the tables: no copy
+                    attn = self.kernels.paged_attention(q, kv.keys[i], kv.values[i], step.tables,
+                                                        step.biases[layer.window], self.scale)
+                else:
+                    keys, values = kv.gather(i, step.tables)
+                    attn = self._decode_attention(q, keys, values, grouped[layer.window])
             else:
                 kv.write(i, step.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
                 attn = self._paged_prefill_attention(i, q, kv, step, layer.window)
             x, h = self._finish(layer, x, attn, self._next_norms[i])
+        return h
+
+    @torch.inference_mode()
+    def decode_in_place_paged(self, input_ids: torch.Tensor, position_ids: torch.Tensor, slots: torch.Tensor,
+                              tables: torch.Tensor, lengths: torch.Tensor, kv: Any) -> torch.Tensor:
+        """A decode step through the paged cache with its state in device tensors only (what a CUDA
+        graph can capture, worker/paged/graphs.py): row i writes slot `slots[i]` and attends over the
+        first `lengths[i]` tokens of its blocks `tables[i]`. The arithmetic of `_paged`'s decode
+        (torch's ops). Returns the final-normed hidden states [R, 1, H]."""
+        x = self.embed(input_ids)
+        cos, sin = L.rope_factors(self._cos[position_ids], self._sin[position_ids])
+        biases = decode_biases(lengths, tables.shape[1] * kv.block_size, self.windows, x.dtype)
+        grouped = {w: L.grouped_bias(bias, self.n_q, self.n_kv) for w, bias in biases.items()}
+        h = self._norm(x, self.layers[0].norm1)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._project(layer, h, cos, sin)
+            kv.write(i, slots, k[:, :, 0], v[:, :, 0])
+            keys, values = kv.gather(i, tables)
+            x, h = self._finish(layer, x, self._decode_attention(q, keys, values, grouped[layer.window]),
+                                self._next_norms[i])
         return h
 
     def _paged_prefill_attention(self, layer: int, q: torch.Tensor, kv: Any, step: PrefillStep,

@@ -90,8 +90,23 @@ def check_kernels(fast: FusedDecoder) -> None:
         bias = torch.zeros(rows, columns, dtype=torch.bfloat16)
         bias[:, 30:] = float("-inf")  # spare columns past the window
         bias[1, :9] = float("-inf")  # a shorter row's left padding
-        fast.kernel_attention = _keep("decode attention", kernels.attention(q, kbuf, vbuf, bias, fast.scale),
-                                      fast._decode_attention(q, kbuf, vbuf, L.grouped_bias(bias, fast.n_q, fast.n_kv)))
+        want = fast._decode_attention(q, kbuf, vbuf, L.grouped_bias(bias, fast.n_q, fast.n_kv))
+        # The same rows laid out as a paged pool: blocks of 8 columns in a scrambled order, one spare.
+        blocks = -(-columns // 8)
+        order = torch.randperm(rows * blocks + 1, generator=g)[:rows * blocks].view(rows, blocks)
+        padded = blocks * 8
+        k_pool = torch.zeros(rows * blocks + 1, fast.n_kv, 8, d, dtype=torch.bfloat16)
+        v_pool = torch.zeros_like(k_pool)
+        for name, pool, buf in (("k", k_pool, kbuf), ("v", v_pool, vbuf)):
+            wide = torch.zeros(rows, fast.n_kv, padded, d, dtype=torch.bfloat16)
+            wide[:, :, :columns] = buf
+            pool[order.reshape(-1)] = wide.view(rows, fast.n_kv, blocks, 8, d).transpose(1, 2).reshape(-1, fast.n_kv, 8, d)
+        wide_bias = torch.full((rows, padded), float("-inf"), dtype=torch.bfloat16)
+        wide_bias[:, :columns] = bias
+        fast.kernel_attention = (
+            _keep("decode attention", kernels.attention(q, kbuf, vbuf, bias, fast.scale), want)
+            and _keep("paged decode attention",
+                      kernels.paged_attention(q, k_pool, v_pool, order, wide_bias, fast.scale), want))
     if fast.kernel_norm:
         weight, x, delta = fast.final_norm, 3 * rand(7, fast.final_norm.shape[0]), rand(7, fast.final_norm.shape[0])
         total, normed = kernels.add_rms_norm(x, delta, weight, fast.eps)

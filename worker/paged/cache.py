@@ -29,7 +29,10 @@ class KVPool:
 
     def __init__(self, layers: int, num_blocks: int, block_size: int, n_kv: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        shape = (num_blocks, n_kv, block_size, head_dim)
+        # One block more than the BlockPool hands out: the scratch block padding rows of a captured
+        # decode graph write into (worker/paged/graphs.py).
+        shape = (num_blocks + 1, n_kv, block_size, head_dim)
+        self.scratch_block = num_blocks
         # Zeroed: attention masks every slot past a row's length, but a masked slot must still hold
         # a finite value (torch's ops add -inf to its score and multiply its value by 0).
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
