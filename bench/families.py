@@ -12,7 +12,6 @@ tokens per second of wall time (prefill included).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 from . import stats
 from .cost_probe import cpu_model
 from .overhead import ClosedLoop
-from .stacks import ROOT
+from .stacks import save_results
 
 SIZE: dict[str, Any] = dict(vocab_size=49152, hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
                             num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
@@ -146,10 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     res = run(args)
-    path = args.json or ROOT / "bench" / "results" / f"{time.strftime('%Y-%m-%d')}-families.json"
-    path.write_text(json.dumps(res, indent=2) + "\n")
-    print(format_report(res))
-    print(f"results: {path}")
+    save_results(res, args.json, "families", format_report)
     return 0
 
 

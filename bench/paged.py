@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import random
 import sys
@@ -30,7 +29,7 @@ from typing import Any
 from . import stats
 from .cost_probe import cpu_model
 from .overhead import ClosedLoop
-from .stacks import ROOT
+from .stacks import save_results
 
 
 def _say(msg: str) -> None:
@@ -190,10 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     res = run(args)
-    path = args.json or ROOT / "bench" / "results" / f"{time.strftime('%Y-%m-%d')}-paged.json"
-    path.write_text(json.dumps(res, indent=2) + "\n")
-    print(format_report(res))
-    print(f"results: {path}")
+    save_results(res, args.json, "paged", format_report)
     return 0
 
 

@@ -3,6 +3,7 @@ llama.cpp's server, plus what is read off them (peak RSS, TCP segments to Redis)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import stats
 
@@ -317,3 +318,12 @@ class LlamaCppServer:
 
 
 # ---- measurements --------------------------------------------------------------------------------
+
+
+def save_results(res: dict[str, Any], path: Path | None, name: str, report: Callable[[dict[str, Any]], str]) -> Path:
+    """Write a benchmark's results as JSON (default bench/results/<date>-<name>.json) and print its report."""
+    path = path or ROOT / "bench" / "results" / f"{time.strftime('%Y-%m-%d')}-{name}.json"
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    print(report(res))
+    print(f"results: {path}")
+    return path

@@ -189,9 +189,11 @@ class WorkerSettings:
     cpu_kernels: bool = _opt(True, "on an AVX-512 CPU in bf16, run the fused forward's decode attention, residual "
                                    "adds with norms, rotary embedding and greedy choice as C++ kernels (compiled "
                                    "once into the cache with g++, or $CXX; torch's ops without a compiler)")
-    kv_cache: str = _opt("slot", "KV cache layout: 'paged' (fixed-size blocks in one pool, per-row block tables; "
-                                 "needed for --prefix-cache; fused forward only) or 'slot' (dense per-batch buffers)",
-                         choices=("slot", "paged"))
+    kv_cache: str = _opt("auto", "KV cache layout: 'paged' (fixed-size blocks in one pool, per-row block tables; "
+                                 "needed for --prefix-cache; fused forward only), 'slot' (dense per-batch buffers), "
+                                 "or 'auto': paged where the compiled attention reads its blocks (bf16 on an "
+                                 "AVX-512 CPU), slot elsewhere (measured slower there, or not yet measured)",
+                         choices=("auto", "slot", "paged"))
     prefix_cache: bool = _opt(True, "with --kv-cache paged: reuse the keys and values of cached prompt prefixes "
                                     "(system prompts, earlier turns) instead of recomputing them")
     kv_block_size: int = _opt(16, "tokens per block of the paged KV cache")

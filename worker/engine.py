@@ -79,10 +79,11 @@ class Engine:
         self._num_layers = int(loaded_model.model.config.num_hidden_layers)
         self.blocks: BlockPool | None = None
         self.kv: KVPool | None = None
-        if worker_settings.kv_cache == "paged":
+        fast = loaded_model.fast
+        if worker_settings.kv_cache == "paged" or (
+                worker_settings.kv_cache == "auto" and fast is not None and fast.kernel_attention):
             self._make_paged_cache()
         # Plain greedy batches: argmax and logprob of the bf16 logits in one compiled pass (worker/cpu_kernels.py).
-        fast = loaded_model.fast
         self._greedy: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = (
             fast.kernels.greedy if fast is not None and fast.kernel_greedy else None)
 

@@ -37,6 +37,22 @@ log = logging.getLogger(__name__)
 SMALL_BUCKETS = (1, 2, 4, 8, 16, 24, 32)
 
 
+def capture(run: Any) -> tuple[Any, torch.Tensor]:
+    """Run `run` once eagerly on a side stream (warming its kernels), then record it as a CUDA graph and
+    replay it once (capturing records without running): (the graph, its output, which holds this step's
+    result now and each replay's later)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    graph.replay()
+    return graph, out
+
+
 def bucket_for(rows: int, capacity: int) -> int:
     """The padded row count for `rows` live rows in buffers of `capacity` rows."""
     for size in SMALL_BUCKETS:
@@ -142,16 +158,6 @@ class DecodeGraphs:
             step.logits = self._run(step, layers)
 
     def _capture(self, step: _Step, layers: list[SlotLayer]) -> None:
-        """Run the step once eagerly on a side stream (its result is this step's), then record it."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._run(step, layers)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step.logits = self._run(step, layers)
-        graph.replay()  # capturing records without running: this computes the step
-        step.graph = graph
+        step.graph, step.logits = capture(lambda: self._run(step, layers))
         self.captures += 1
         log.debug("captured a decode graph for %d rows x %d columns", step.ids.shape[0], step.column_bias.shape[1])

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..graphs import bucket_for
+from ..graphs import bucket_for, capture
 from ..models import FusedDecoder, head_logits
 from .cache import PagedCache
 
@@ -109,16 +109,7 @@ class PagedDecodeGraphs:
 
     def _capture_or_run(self, s: _Step, kv: Any) -> None:
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._run(s, kv)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                s.logits = self._run(s, kv)
-            graph.replay()  # capturing records without running: this computes the step
-            s.graph = graph
+            s.graph, s.logits = capture(lambda: self._run(s, kv))
             self.captures += 1
         except RuntimeError:
             log.exception("capturing a paged decode graph failed; decode steps run without graphs from now on")
