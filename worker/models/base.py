@@ -156,7 +156,6 @@ class FusedDecoder:
         cfg = model.config
         decoder = model.model
         first = decoder.layers[0]
-        self.config = cfg
         self.embed = decoder.embed_tokens  # Gemma's module scales the embeddings itself
         self.rotary = decoder.rotary_emb
         self.eps = float(cfg.rms_norm_eps)
@@ -367,9 +366,11 @@ class FusedDecoder:
         cos, sin = L.rope_factors(*self._rotary(x, position_ids))
         step = cache.step if isinstance(cache.step, PrefillStep) else cache.begin_decode(self.windows, x.dtype)
         kv = cache.kv
-        grouped = None
+        grouped = masks = None
         if isinstance(step, DecodeStep) and not self.kernel_attention:
             grouped = {w: L.grouped_bias(bias, self.n_q, self.n_kv) for w, bias in step.biases.items()}
+        elif isinstance(step, PrefillStep):
+            masks = self._prefill_masks(step, x.device)
         h = self._norm(x, self.layers[0].norm1)
         for i, layer in enumerate(self.layers):
             q, k, v = self._project(layer, h, cos, sin)
@@ -383,7 +384,7 @@ class FusedDecoder:
                     attn = self._decode_attention(q, keys, values, grouped[layer.window])
             else:
                 kv.write(i, step.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
-                attn = self._paged_prefill_attention(i, q, kv, step, layer.window)
+                attn = self._paged_prefill_attention(i, q, kv, step, [m[layer.window] for m in masks])
             x, h = self._finish(layer, x, attn, self._next_norms[i])
         return h
 
@@ -407,18 +408,24 @@ class FusedDecoder:
                                 self._next_norms[i])
         return h
 
+    def _prefill_masks(self, step: PrefillStep, device: torch.device) -> list[dict[int | None, torch.Tensor]]:
+        """Per row, its causal mask [1, 1, n, length] (its n new queries are the last n of its context),
+        and the same limited to each sliding window: built once per forward, shared by the layers."""
+        out = []
+        for n, length in zip(step.counts, step.lengths):
+            queries = torch.arange(length - n, length, device=device)[:, None]
+            causal = (torch.arange(length, device=device)[None, :] <= queries)[None, None]
+            out.append({None: causal, **{w: L.sliding_mask(causal, w) for w in self.windows}})
+        return out
+
     def _paged_prefill_attention(self, layer: int, q: torch.Tensor, kv: Any, step: PrefillStep,
-                                 window: int | None) -> torch.Tensor:
+                                 masks: list[torch.Tensor]) -> torch.Tensor:
         """Each row's new queries against its whole context (cached prefix, earlier chunks, these tokens)."""
         out = []
-        for start, n, length, table in zip(step.starts, step.counts, step.lengths, step.tables):
+        for start, n, length, table, mask in zip(step.starts, step.counts, step.lengths, step.tables, masks):
             keys, values = kv.gather(layer, table[None])
-            keys, values = keys[:, :, :length], values[:, :, :length]
-            queries = torch.arange(length - n, length, device=q.device)[:, None]
-            mask = (torch.arange(length, device=q.device)[None, :] <= queries)[None, None]
-            if window is not None:
-                mask = L.sliding_mask(mask, window)
-            out.append(L.prefill_attention(q[:, :, start:start + n], keys, values, mask, self.scale, self.attn_softcap))
+            out.append(L.prefill_attention(q[:, :, start:start + n], keys[:, :, :length], values[:, :, :length],
+                                           mask, self.scale, self.attn_softcap))
         return torch.cat(out, dim=1)
 
     @staticmethod
