@@ -186,6 +186,7 @@ class Batch:
         mask = self.mask[index]
         used = mask.any(dim=0)
         drop = int(used.long().argmax()) if bool(used.any()) else mask.shape[1]
+        self.cache.retire({i: self.rows[i].ids for i in range(n) if i not in kept})
         self.cache.compact(holes, movers, size, drop)
         self.mask = mask[:, drop:]
         self.next_pos = self.next_pos[index]
@@ -196,6 +197,11 @@ class Batch:
             self.counts = self.counts[index]
         self.rows = [self.rows[i] for i in order]
         self._refresh()
+
+    def close(self) -> None:
+        """Every row left: what outlives them stays in the cache (PagedCache.retire), the rest is freed."""
+        self.cache.retire(dict(enumerate(r.ids for r in self.rows)))
+        self.cache.release()
 
     def concatenate(self, other: Batch) -> None:
         """Append `other`'s rows (e.g. just prefilled), left-padding the shorter side's columns."""

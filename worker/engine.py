@@ -254,6 +254,7 @@ class Engine:
         self._collect_finished(newcomers, leaving)
         keep = [i for i, r in enumerate(newcomers.rows) if r.active]
         if not keep:
+            newcomers.close()
             return
         newcomers.filter(keep)
         if self.batch is None:
@@ -342,6 +343,7 @@ class Engine:
             return
         keep = [i for i, r in enumerate(self.batch.rows) if r.active]
         if not keep:
+            self.batch.close()
             self.batch = None
             self.metrics.set_current_size(0)
         elif len(keep) < len(self.batch):

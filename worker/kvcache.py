@@ -7,6 +7,8 @@ mask, so whatever finite values they hold (zeros, or a departed row's keys) neve
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -165,6 +167,9 @@ class SlotCache(Cache):
     def compact(self, holes: list[int], movers: list[int], rows: int, drop_front: int = 0) -> None:
         for layer in self.slot_layers:
             layer.compact(holes, movers, rows, drop_front)
+
+    def retire(self, histories: dict[int, Sequence[int]]) -> None:
+        """Rows about to leave (see PagedCache.retire): nothing here outlives its row."""
 
     def absorb(self, other: SlotCache) -> None:
         for mine, theirs in zip(self.slot_layers, other.slot_layers):

@@ -68,6 +68,25 @@ def test_prefix_cache_hits_leave_the_greedy_tokens_unchanged(family):
     assert pool.free_blocks == pool.num_blocks
 
 
+def test_the_next_turn_of_a_conversation_reuses_the_previous_answers_blocks(family):
+    """Turn 2's prompt is turn 1's prompt, its answer and a new message: every full block of turn 1's
+    written tokens (its last chosen token was never fed) comes from the cache, with unchanged tokens."""
+    kind, _, loaded = family
+    first = SYSTEM + [11, 12, 13]  # 26 tokens
+    _, _, turn1 = run_engine(loaded, {0: [job("a", first, n=11)]}, settings=SLOT)
+    answer = generated_ids(turn1, "a")
+    assert len(answer) == 11, kind
+    second = first + answer + [51, 52]
+    arrivals = lambda: {0: [job("a", first, n=11)], 15: [job("b", second, n=6)]}
+    _, _, off = run_engine(loaded, arrivals(), settings=NO_PREFIX)
+    eng, _, on = run_engine(loaded, arrivals(), settings=PAGED)
+    assert _tokens(on, "ab") == _tokens(off, "ab") and _tokens(on, "a")["a"] == answer, kind
+    written = len(first) + len(answer) - 1  # 36: nine full blocks of 4
+    assert eng.blocks.hit_tokens == written // 4 * 4
+    assert eng.blocks.miss_tokens == len(first) + len(second) - written // 4 * 4
+    assert eng.blocks.free_blocks == eng.blocks.num_blocks
+
+
 def test_a_request_for_prompt_logprobs_computes_its_whole_prompt(family):
     kind, _, loaded = family
     arrivals = lambda: {0: [job("a", SYSTEM + [1, 2], n=3)], 6: [job("b", SYSTEM + [3, 4], n=3, want_prefill=True)]}

@@ -1,11 +1,12 @@
-"""Which KV blocks each row holds, and which full blocks of earlier prompts can be reused.
+"""Which KV blocks each row holds, and which full blocks of earlier rows can be reused.
 
 The pool is `num_blocks` blocks of `block_size` token slots. A row holds a block table: the blocks
-its tokens fill, in order. A full block that a prompt filled is registered under a chained hash
-(its tokens and the hash of the block before it), so a later prompt that starts with the same
-tokens takes the same blocks instead of computing their keys and values again; blocks are
-reference-counted, and only full, registered ones are ever shared, so no row ever writes into a
-block another row reads. A block whose last holder left goes to the back of the free list, still
+its tokens fill, in order. A full block a row filled is registered under a chained hash (its
+tokens and the hash of the block before it): a prompt's blocks once it is written, the generated
+tokens' blocks when the row leaves. A later prompt that starts with the same tokens (the same
+system prompt, or a chat's earlier turns with their answers) takes the same blocks instead of
+computing their keys and values again. Blocks are reference-counted, and only full, registered
+ones are ever shared, so no row ever writes into a block another row reads. A block whose last holder left goes to the back of the free list, still
 registered: it is reused by a later prompt if one asks for it first, and overwritten (its
 registration dropped) when the free list reaches it, least recently freed first (LRU).
 

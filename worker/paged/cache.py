@@ -112,6 +112,14 @@ class PagedCache:
             self.tables[hole] = self.tables[mover]
         del self.tables[rows:]
 
+    def retire(self, histories: dict[int, Sequence[int]]) -> None:
+        """Rows about to leave, with their tokens (prompt + generated): each one's full blocks are
+        registered, so a later prompt that carries this answer on (the next turn of a chat) reuses them.
+        Only written tokens count: a row's last chosen token was never fed, so it has no keys yet."""
+        for i, ids in histories.items():
+            table = self.tables[i]
+            self.blocks.register(table, ids[:table.length])
+
     def absorb(self, other: PagedCache) -> None:
         """Append `other`'s rows (their blocks are in the same pool: nothing is copied)."""
         self.tables.extend(other.tables)
