@@ -111,13 +111,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     _say(f"CPU {out['config']['cpu_model']} x {os.cpu_count()}; loading {args.model}")
     slot = WorkerSettings(max_batch_size=args.rows, dtype=args.dtype, threads=args.threads,
-                          cpu_kernels=not args.no_cpu_kernels)
+                          cpu_kernels=not args.no_cpu_kernels, kv_cache="slot")
     paged = dataclasses.replace(slot, kv_cache="paged")
     no_prefix = dataclasses.replace(paged, prefix_cache=False)
     loaded = load_model(model_files.resolve(args.model), args.cache_dir, "cpu", args.dtype, args.threads,
                         rows_hint=args.rows, cpu_kernels=slot.cpu_kernels)
     fast = loaded.fast
+    if fast is not None and args.paged_attention != "auto":
+        # As on a CPU without AVX-512 (portable), or without a compiler (torch); the other kernels stay as loaded.
+        fast.kernel_attention = False
+        if args.paged_attention == "torch":
+            fast.paged_kernel = None
     out["config"]["compiled_attention_kernel"] = bool(fast is not None and fast.kernel_attention)
+    out["config"]["paged_decode_attention"] = (
+        "avx512" if fast is not None and fast.kernel_attention
+        else "portable" if fast is not None and fast.paged_kernel is not None else "torch")
     if not args.skip_throughput:
         warm = argparse.Namespace(**{**vars(args), "requests": args.rows})
         throughput(loaded, slot, warm, "warm-s")
@@ -145,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_report(res: dict[str, Any]) -> str:
     c, s = res["config"], res["summary"]
-    kernels = "compiled decode attention" if c.get("compiled_attention_kernel") else "torch's ops"
+    kernels = f"paged decode attention: {c.get('paged_decode_attention', '?')}"
     lines = [f"paged KV cache: {c['model']} {c['dtype']}, {c['threads']} threads, B={c['rows']}, {kernels}; "
              f"CPU {c['cpu_model']} x {c['cpus']}"]
     if res["throughput"]:
@@ -181,6 +189,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--no-cpu-kernels", action="store_true", help="torch's ops only (as on a CPU without AVX-512)")
+    p.add_argument("--paged-attention", default="auto", choices=("auto", "portable", "torch"),
+                   help="the paged decode attention: as loaded, the portable compiled kernel, or torch's ops with a "
+                        "gather (for all but auto, the AVX-512 decode attention is off for both caches)")
     p.add_argument("--cache-dir", default="")
     p.add_argument("--json", type=Path, default=None, help="write the results here (default: bench/results/)")
     return p.parse_args(argv)

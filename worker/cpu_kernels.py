@@ -42,7 +42,6 @@ from common.model_files import build_once
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
-LIBRARY = "cpu_kernels.so"
 FLAGS = ("-O3", "-mavx512f", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 HEAD_DIMS = (64, 128)
 MAX_GROUPS = 8
@@ -61,21 +60,23 @@ def _compiler() -> str | None:
     return None
 
 
-def build_library(cache_dir: str | Path) -> Path:
-    """Compile the kernels into `cache_dir` once (per source and flags); returns the library's path."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+def build_library(cache_dir: str | Path, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
+    """Compile `source` into `cache_dir` once (per source and flags); returns the library's path."""
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode()).hexdigest()[:16]
+    library = source.stem + ".so"
 
     def compile_into(tmp: Path) -> None:
         compiler = _compiler()
         if compiler is None:
             raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-        done = subprocess.run([compiler, *FLAGS, "-o", str(tmp / LIBRARY), str(SOURCE)], capture_output=True,
+        done = subprocess.run([compiler, *flags, "-o", str(tmp / library), str(source)], capture_output=True,
                               text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
 
     # Locked and renamed into place whole: workers starting together compile once.
-    return build_once(Path(cache_dir) / "kernels" / f"cpu_kernels-{key}", compile_into) / LIBRARY
+    return build_once(Path(cache_dir) / "kernels" / f"{source.stem}-{key}", compile_into) / library
 
 
 def _check_buffer(buf: torch.Tensor) -> None:

@@ -81,7 +81,8 @@ class Engine:
         self.kv: KVPool | None = None
         fast = loaded_model.fast
         if worker_settings.kv_cache == "paged" or (
-                worker_settings.kv_cache == "auto" and fast is not None and fast.kernel_attention):
+                worker_settings.kv_cache == "auto" and fast is not None
+                and (fast.kernel_attention or fast.paged_kernel is not None)):
             self._make_paged_cache()
         # Plain greedy batches: argmax and logprob of the bf16 logits in one compiled pass (worker/cpu_kernels.py).
         self._greedy: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = (

@@ -13,6 +13,7 @@ import torch
 from common.model_files import ModelSource, build_once, cache_root, ensure_tokenizer, model_dir
 
 from .cpu_kernels import load_cpu_kernels
+from .cpu_paged import load_paged_attention
 from .graphs import DecodeGraphs
 from .paged.graphs import PagedDecodeGraphs
 from .models import build_fast, head_logits
@@ -122,10 +123,12 @@ def load_model(source: ModelSource, cache_dir: str, device: str, dtype: str, thr
     log.info("loaded %s (%s, %s) in %.1f s", weights_dir, dtype, dev, time.monotonic() - t0)
     width = int(model.get_output_embeddings().weight.shape[0])
     pack = prepacking_available(dev, torch_dtype)
-    kernels = None
-    if fused and cpu_kernels and dev.type == "cpu" and torch_dtype == torch.bfloat16:
-        kernels = load_cpu_kernels(cache_root(cache_dir))
-    fast = build_fast(model, max(1, rows_hint), pack, kernels) if fused else None
+    kernels = paged_kernel = None
+    if fused and cpu_kernels and dev.type == "cpu":
+        if torch_dtype == torch.bfloat16:
+            kernels = load_cpu_kernels(cache_root(cache_dir))
+        paged_kernel = load_paged_attention(cache_root(cache_dir))
+    fast = build_fast(model, max(1, rows_hint), pack, kernels, paged_kernel) if fused else None
     if pack and prepack(model, max(1, rows_hint), width):
         log.info("linear layers prepacked for oneDNN (bf16 on CPU)")
     graphs = paged_graphs = None

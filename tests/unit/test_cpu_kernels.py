@@ -203,13 +203,16 @@ def test_load_model_builds_the_kernel_for_bf16_on_cpu_only(tiny_model_dir, tmp_p
     def kernels_built(cache: str) -> list[str]:
         return sorted(p.name for p in (tmp_path / cache / "kernels").rglob("*.so"))
 
-    load_model(resolve(str(tiny_model_dir)), str(tmp_path / "fp32"), "cpu", "fp32", 1)
-    load_model(resolve(str(tiny_model_dir)), str(tmp_path / "off"), "cpu", "bf16", 1, cpu_kernels=False)
+    fp32 = load_model(resolve(str(tiny_model_dir)), str(tmp_path / "fp32"), "cpu", "fp32", 1)
+    off = load_model(resolve(str(tiny_model_dir)), str(tmp_path / "off"), "cpu", "bf16", 1, cpu_kernels=False)
     loaded = load_model(resolve(str(tiny_model_dir)), str(tmp_path / "bf16"), "cpu", "bf16", 1)
-    assert kernels_built("fp32") == kernels_built("off") == []
-    assert len(kernels_built("bf16")) == 1
+    # fp32: only the portable paged attention (worker/cpu_paged.py); bf16: the AVX-512 kernels too.
+    assert kernels_built("fp32") == ["paged_attention.so"] and kernels_built("off") == []
+    assert kernels_built("bf16") == ["cpu_kernels.so", "paged_attention.so"]
     assert loaded.fast is not None and loaded.fast.kernel_norm
-    assert not loaded.fast.kernel_attention  # head size 16: torch's attention kept
+    assert not loaded.fast.kernel_attention  # head size 16: the AVX-512 attention is not built for it...
+    assert loaded.fast.paged_kernel is not None and fp32.fast.paged_kernel is not None  # ...the portable one is
+    assert off.fast.paged_kernel is None and not off.fast.kernel_attention
 
 
 def test_greedy_choice_is_torch_argmax_and_log_softmax(kernel):

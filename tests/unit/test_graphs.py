@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from common.settings import WorkerSettings
 from worker.graphs import DecodeGraphs, bucket_for
 
 from .test_engine import PROMPTS, generated_ids, job, run_engine
@@ -19,6 +20,9 @@ from .test_engine import PROMPTS, generated_ids, job, run_engine
 ])
 def test_rows_are_padded_to_a_bucket_within_the_buffers_capacity(rows, capacity, padded):
     assert bucket_for(rows, capacity) == padded
+
+
+SLOT = WorkerSettings(max_batch_size=8, waiting_served_ratio=0.0, kv_cache="slot")  # these graphs' cache
 
 
 def _with_in_place_decode(loaded):
@@ -39,8 +43,8 @@ def test_in_place_decode_gives_the_ordinary_forwards_tokens_and_logprobs(tiny_lo
     new_step = in_place.graphs._new_step
     in_place.graphs._new_step = lambda padded, layer: made.append((padded, layer.kbuf.shape[2])) or \
         new_step(padded, layer)
-    _, _, want = run_engine(tiny_loaded, _arrivals())
-    _, _, got = run_engine(in_place, _arrivals())
+    _, _, want = run_engine(tiny_loaded, _arrivals(), settings=SLOT)
+    _, _, got = run_engine(in_place, _arrivals(), settings=SLOT)
     for rid, n in (("r0", 6), ("r1", 9), ("long", 45), ("r2", 12), ("r3", 3), ("r4", 20)):
         assert len(generated_ids(got, rid)) == n
         assert generated_ids(got, rid) == generated_ids(want, rid), rid
@@ -70,7 +74,7 @@ def test_positions_past_the_rotary_tables_take_the_ordinary_forward(tiny_loaded)
 def test_padding_rows_leave_only_finite_values_in_the_kv_buffers(tiny_loaded):
     """Free slots may later sit under a masked column of a live row: -inf masks NaN away only if finite."""
     in_place = _with_in_place_decode(tiny_loaded)
-    eng, _, _ = run_engine(in_place, {0: [job(f"p{i}", PROMPTS[i], n=10) for i in range(3)]}, max_steps=4)
+    eng, _, _ = run_engine(in_place, {0: [job(f"p{i}", PROMPTS[i], n=10) for i in range(3)]}, settings=SLOT, max_steps=4)
     layers = eng.batch.cache.slot_layers
     assert layers[0].rows == 3 and layers[0].kbuf.shape[0] >= 4  # a padding row was written
     for layer in layers:

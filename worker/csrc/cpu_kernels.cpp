@@ -30,6 +30,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bf16.h"
+
 namespace {
 
 constexpr uint16_t kNegInf = 0xff80;
@@ -40,21 +42,8 @@ inline __m512 load16(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-inline float to_float(uint16_t h) {
-    uint32_t u = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-// Round to nearest even, as torch rounds float to bfloat16 (NaN stays a quiet NaN).
-inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return static_cast<uint16_t>(u >> 16);
-}
+inline float to_float(uint16_t h) { return tgq::bf16_to_float(h); }
+inline uint16_t to_bf16(float f) { return tgq::float_to_bf16(f); }
 
 // Where column c of (row r, KV head h) lives: k + r * kv_row + h * kv_head, then block c / block_size
 // of the row's block table (table + r * table_row) times block_stride, then (c % block_size) * D.

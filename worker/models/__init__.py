@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from ..cpu_kernels import CpuKernels
+from ..cpu_paged import PagedAttention
 from .base import FusedDecoder
 from .checks import accepted, head_logits, probe_deviation
 from .gemma import Gemma
@@ -43,7 +44,8 @@ def unsupported_reason(model: Any) -> str | None:
     return family.unsupported(model)
 
 
-def build_fast(model: Any, rows_hint: int, pack: bool, kernels: CpuKernels | None = None) -> FusedDecoder | None:
+def build_fast(model: Any, rows_hint: int, pack: bool, kernels: CpuKernels | None = None,
+               paged_kernel: PagedAttention | None = None) -> FusedDecoder | None:
     """The family's fused forward for `model` if it has one whose probe logits match transformers' (else None)."""
     reason = unsupported_reason(model)
     if reason is not None:
@@ -51,5 +53,5 @@ def build_fast(model: Any, rows_hint: int, pack: bool, kernels: CpuKernels | Non
         return None
     family = family_for(model)
     assert family is not None
-    fast = family(model, rows_hint, pack, kernels)
+    fast = family(model, rows_hint, pack, kernels, paged_kernel)
     return fast if accepted(model, fast) else None

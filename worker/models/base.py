@@ -40,6 +40,7 @@ from torch import nn
 from ..cpu_kernels import CpuKernels
 from ..kvcache import SlotCache, SlotLayer
 from ..packed import PackedLinear
+from ..cpu_paged import PagedAttention
 from ..paged.cache import DecodeStep, PagedCache, PrefillStep, decode_biases
 from . import layers as L
 
@@ -152,7 +153,8 @@ class FusedDecoder:
     def activation(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return layer.mlp.act_fn
 
-    def __init__(self, model: Any, rows_hint: int, pack: bool, kernels: CpuKernels | None = None) -> None:
+    def __init__(self, model: Any, rows_hint: int, pack: bool, kernels: CpuKernels | None = None,
+                 paged_kernel: PagedAttention | None = None) -> None:
         cfg = model.config
         decoder = model.model
         first = decoder.layers[0]
@@ -182,6 +184,10 @@ class FusedDecoder:
         self.kernel_rope = (self.kernels is not None and rotary_width == self.head_dim
                             and self.kernels.handles_rope(self.head_dim))
         self.kernel_greedy = self.kernels is not None  # for the engine's plain greedy rows
+        # The portable compiled decode attention through the paged cache's block tables (worker/cpu_paged.py),
+        # where the AVX-512 one is not in use: fp32, other CPUs, soft-capped scores.
+        handled = paged_kernel is not None and paged_kernel.handles(self.n_q, self.n_kv, self.head_dim, weight.dtype)
+        self.paged_kernel = paged_kernel if handled and weight.device.type == "cpu" else None
 
         def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
             if pack:
@@ -367,7 +373,7 @@ class FusedDecoder:
         step = cache.step if isinstance(cache.step, PrefillStep) else cache.begin_decode(self.windows, x.dtype)
         kv = cache.kv
         grouped = masks = None
-        if isinstance(step, DecodeStep) and not self.kernel_attention:
+        if isinstance(step, DecodeStep) and not (self.kernel_attention or self.paged_kernel):
             grouped = {w: L.grouped_bias(bias, self.n_q, self.n_kv) for w, bias in step.biases.items()}
         elif isinstance(step, PrefillStep):
             masks = self._prefill_masks(step, x.device)
@@ -376,9 +382,13 @@ class FusedDecoder:
             q, k, v = self._project(layer, h, cos, sin)
             if isinstance(step, DecodeStep):
                 kv.write(i, step.slots, k[:, :, 0], v[:, :, 0])
-                if grouped is None:  # the compiled kernel reads the blocks through the tables: no copy
+                # The compiled kernels read the blocks through the tables; torch's ops need a dense copy.
+                if self.kernel_attention:
                     attn = self.kernels.paged_attention(q, kv.keys[i], kv.values[i], step.tables,
                                                         step.biases[layer.window], self.scale)
+                elif self.paged_kernel is not None:
+                    attn = self.paged_kernel(q, kv.keys[i], kv.values[i], step.tables, step.biases[layer.window],
+                                             self.scale, self.attn_softcap)
                 else:
                     keys, values = kv.gather(i, step.tables)
                     attn = self._decode_attention(q, keys, values, grouped[layer.window])
