@@ -72,8 +72,10 @@ class Engine:
         self.admitting = True
         self.watermark = Watermark(loaded_model.vocab_size, loaded_model.device)
         tokenizer = loaded_model.tokenizer
-        self._decode = make_decoder(tokenizer)
-        self._decode_one: Callable[[int], str] = lambda t: self._decode([t])  # a lone id's text (prefill, top)
+        self._decode = decode = make_decoder(tokenizer)
+        # A lone id's text (prefill, top). Not through self: a dropped engine then frees its KV pool at
+        # once, not whenever the cyclic collector runs.
+        self._decode_one: Callable[[int], str] = lambda t: decode([t])
         self._decode_final: Callable[[list[int]], str] = (
             lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
         self._num_layers = int(loaded_model.model.config.num_hidden_layers)

@@ -139,3 +139,22 @@ def test_bf16_paged_decode_stays_close_to_the_slot_cache(family, tmp_path):
     a = torch.tensor([e.token.logprob for e in slot.events_for("r1")][:3])
     b = torch.tensor([e.token.logprob for e in paged.events_for("r1")][:3])
     assert torch.allclose(a, b, atol=0.1, rtol=0.05), kind
+
+
+def test_a_dropped_engine_frees_its_block_pool_without_the_cyclic_collector(tiny_loaded):
+    """An engine that refers to itself (a stored closure over self) keeps gigabytes of KV pool alive
+    until the cyclic collector happens to run: a bench or a test that makes engines one after another
+    runs out of memory."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        eng, source, sink = run_engine(tiny_loaded, _arrivals(), settings=PAGED)
+        assert _tokens(sink)["long"]
+        pool = weakref.ref(eng.kv.keys[0])
+        del eng, source, sink
+        assert pool() is None
+    finally:
+        gc.enable()
