@@ -4,6 +4,8 @@ A private redis-server pinned to `--cpu` (this process on the other CPUs) and a 
 `--rows` leases with RQ's member names. Each figure is Redis's main-thread CPU (`INFO cpu`) per call,
 the median of `--runs` runs of `--calls` calls, for:
 - PING: one round trip with nothing in it, the floor under any step;
+- the step's messages PUBLISHed in one pipeline, with no fence and no flags: the least that any design
+  delivering every step's tokens to `--api-processes` subscribers costs, once per step;
 - MGET of the rows' cancel flags (what a step reads today);
 - ZMSCORE over the rows' leases (the fence, outside a script);
 - a script with the step's arguments that does nothing (the cost of passing them to Lua);
@@ -95,8 +97,18 @@ def run(args: argparse.Namespace) -> list[tuple[str, list[float]]]:
         r.zadd(keys[0], {m: time.time() + 3600 for m in members})
         step = r.script_load(FENCED_STEP)
         noop = r.script_load("return {1, {}}")
+        m = int(argv[0])
+        messages = argv[m + 2:m + 2 + int(argv[m + 1])]
+
+        def publish_only() -> None:
+            pipe = r.pipeline(transaction=False)
+            for ch, msg in zip(keys[1:1 + len(messages)], messages):
+                pipe.publish(ch, msg)
+            pipe.execute()
+
         pieces: list[tuple[str, Callable[[], Any]]] = [
             ("PING (a round trip)", r.ping),
+            (f"{len(channels)} PUBLISH of the step's messages, one pipeline, nothing else", publish_only),
             (f"MGET of {args.rows} cancel flags", lambda: r.mget(flags)),
             (f"ZMSCORE over {args.rows} leases", lambda: r.zmscore(keys[0], members)),
             ("a script that does nothing, with the step's arguments",
