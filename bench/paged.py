@@ -110,13 +110,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out["config"].update(cpu_model=cpu_model(), cpus=os.cpu_count(), torch=torch.__version__,
                          started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     _say(f"CPU {out['config']['cpu_model']} x {os.cpu_count()}; loading {args.model}")
-    slot = WorkerSettings(max_batch_size=args.rows, dtype=args.dtype, threads=args.threads,
+    slot = WorkerSettings(max_batch_size=args.rows, device=args.device, dtype=args.dtype, threads=args.threads,
                           cpu_kernels=not args.no_cpu_kernels, kv_cache="slot")
     paged = dataclasses.replace(slot, kv_cache="paged")
     no_prefix = dataclasses.replace(paged, prefix_cache=False)
-    loaded = load_model(model_files.resolve(args.model), args.cache_dir, "cpu", args.dtype, args.threads,
+    loaded = load_model(model_files.resolve(args.model), args.cache_dir, args.device, args.dtype, args.threads,
                         rows_hint=args.rows, cpu_kernels=slot.cpu_kernels)
     fast = loaded.fast
+    if args.device == "cuda":
+        out["config"].update(gpu=torch.cuda.get_device_name(), decode_graphs=loaded.graphs is not None)
     if fast is not None and args.paged_attention != "auto":
         # As on a CPU without AVX-512 (portable), or without a compiler (torch); the other kernels stay as loaded.
         fast.kernel_attention = False
@@ -153,7 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_report(res: dict[str, Any]) -> str:
     c, s = res["config"], res["summary"]
-    kernels = f"paged decode attention: {c.get('paged_decode_attention', '?')}"
+    kernels = (f"CUDA {c['gpu']}, decode graphs {'on' if c['decode_graphs'] else 'off'}" if c.get("device") == "cuda"
+               else f"paged decode attention: {c.get('paged_decode_attention', '?')}")
     lines = [f"paged KV cache: {c['model']} {c['dtype']}, {c['threads']} threads, B={c['rows']}, {kernels}; "
              f"CPU {c['cpu_model']} x {c['cpus']}"]
     if res["throughput"]:
@@ -176,6 +179,7 @@ def format_report(res: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.paged", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, default=32)

@@ -48,13 +48,13 @@ def save_random_model(config: Any, path: Path | str, cache_dir: str = "", seed: 
     """A seeded random causal LM of `config` (norm weights and biases randomised as well) with SmolLM2's
     tokenizer, saved into `path` as a HF model directory."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from common.model_files import ensure_tokenizer, resolve
+    from .tiny_model import smollm2_tokenizer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(ensure_tokenizer(resolve("smollm2"), cache_dir)))
+    tokenizer = smollm2_tokenizer(cache_dir)
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
