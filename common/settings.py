@@ -191,8 +191,9 @@ class WorkerSettings:
                                    "once into the cache with g++, or $CXX; torch's ops without a compiler)")
     kv_cache: str = _opt("auto", "KV cache layout: 'paged' (fixed-size blocks in one pool, per-row block tables; "
                                  "needed for --prefix-cache; fused forward only), 'slot' (dense per-batch buffers), "
-                                 "or 'auto': paged where the compiled attention reads its blocks (bf16 on an "
-                                 "AVX-512 CPU), slot elsewhere (measured slower there, or not yet measured)",
+                                 "or 'auto': paged where a compiled decode attention reads its blocks (a CPU "
+                                 "with a C++ compiler), slot elsewhere (CUDA: not yet measured; torch's ops: "
+                                 "measured slower)",
                          choices=("auto", "slot", "paged"))
     prefix_cache: bool = _opt(True, "with --kv-cache paged: reuse the keys and values of cached prompt prefixes "
                                     "(system prompts, earlier turns) instead of recomputing them")
