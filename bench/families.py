@@ -23,7 +23,7 @@ from typing import Any
 from . import stats
 from .cost_probe import cpu_model
 from .overhead import ClosedLoop
-from .stacks import save_results
+from .stacks import require_device, save_results
 
 SIZE: dict[str, Any] = dict(vocab_size=49152, hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
                             num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
@@ -59,7 +59,7 @@ def _run(loaded: Any, args: argparse.Namespace, tag: str) -> dict[str, Any]:
     from common.settings import LimitSettings, WorkerSettings
     from worker.engine import Engine
 
-    settings = WorkerSettings(max_batch_size=args.rows, dtype=args.dtype, threads=args.threads)
+    settings = WorkerSettings(max_batch_size=args.rows, device=args.device, dtype=args.dtype, threads=args.threads)
     loop = ClosedLoop(_jobs(args, tag), args.rows)
     engine = Engine(loaded, settings, LimitSettings(), loop, loop)
     t0 = time.perf_counter()
@@ -76,10 +76,11 @@ def bench_family(kind: str, config: Any, args: argparse.Namespace, root: Path) -
     from worker.model import load_model
 
     path = save_random_model(config, root / kind, args.cache_dir)
-    fused = load_model(resolve(str(path)), args.cache_dir, "cpu", args.dtype, args.threads, rows_hint=args.rows)
-    plain = load_model(resolve(str(path)), args.cache_dir, "cpu", args.dtype, args.threads, rows_hint=args.rows,
+    fused = load_model(resolve(str(path)), args.cache_dir, args.device, args.dtype, args.threads, rows_hint=args.rows)
+    plain = load_model(resolve(str(path)), args.cache_dir, args.device, args.dtype, args.threads, rows_hint=args.rows,
                        fused=False)
-    out: dict[str, Any] = {"fused_in_use": type(fused.fast).__name__ if fused.fast is not None else None, "pairs": []}
+    out: dict[str, Any] = {"fused_in_use": type(fused.fast).__name__ if fused.fast is not None else None,
+                           "decode_graphs": fused.graphs is not None, "pairs": []}
     _run(fused, args, "warm")
     _run(plain, args, "warm")
     for k in range(args.pairs):
@@ -104,6 +105,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "size": SIZE, "families": {}}
     out["config"].update(cpu_model=cpu_model(), cpus=os.cpu_count(), torch=torch.__version__,
                          started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if args.device == "cuda":
+        out["config"]["gpu"] = torch.cuda.get_device_name()
     configs = bench_configs()
     kinds = args.families.split(",") if args.families else sorted(configs)
     _say(f"CPU {out['config']['cpu_model']} x {os.cpu_count()}; families {', '.join(kinds)}")
@@ -115,9 +118,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_report(res: dict[str, Any]) -> str:
     c = res["config"]
+    where = (f"CUDA {c['gpu']}, " if c.get("device") == "cuda" else "") + f"CPU {c['cpu_model']} x {c['cpus']}"
     lines = [f"fused forward vs transformers' forward: B={c['rows']}, {c['prompt_tokens']}-token prompts, "
              f"{c['new_tokens']} new tokens, {c['dtype']}, {c['threads']} threads, median of {c['pairs']} "
-             f"alternating pairs; CPU {c['cpu_model']} x {c['cpus']}",
+             f"alternating pairs; {where}",
              "| family | fused tok/s | transformers tok/s | fused / transformers (median) | per-pair ratios |",
              "|---|---|---|---|---|"]
     for kind, f in res["families"].items():
@@ -134,6 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -144,6 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    require_device(args.device)
     res = run(args)
     save_results(res, args.json, "families", format_report)
     return 0

@@ -29,7 +29,7 @@ from typing import Any
 from . import stats
 from .cost_probe import cpu_model
 from .overhead import ClosedLoop
-from .stacks import save_results
+from .stacks import require_device, save_results
 
 
 def _say(msg: str) -> None:
@@ -203,6 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    require_device(args.device)
     res = run(args)
     save_results(res, args.json, "paged", format_report)
     return 0

@@ -320,6 +320,14 @@ class LlamaCppServer:
 # ---- measurements --------------------------------------------------------------------------------
 
 
+def require_device(device: str) -> None:
+    """One line, not a traceback, when --device cuda is asked for where torch sees no GPU."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
+
+
 def save_results(res: dict[str, Any], path: Path | None, name: str, report: Callable[[dict[str, Any]], str]) -> Path:
     """Write a benchmark's results as JSON (default bench/results/<date>-<name>.json) and print its report."""
     path = path or ROOT / "bench" / "results" / f"{time.strftime('%Y-%m-%d')}-{name}.json"

@@ -5,10 +5,12 @@
 #
 #   scripts/gpu_check.sh prepare   here: wheels of the missing packages and SmolLM2's tokenizer into .gpu/
 #   scripts/gpu_check.sh run       there, as the device command, with carry [".gpu"]:
-#                                  the CUDA tests, then the paged cache against the slot cache on CUDA
+#                                  the CUDA tests, the paged cache against the slot cache on CUDA, and
+#                                  each family's fused forward against transformers' on CUDA
 #
 # `run` writes its logs and the benchmark's JSON under $OUT (./gpu-check-out without it) and exits
-# with the tests' status. Budget: a lent machine gives a session 15 minutes in all; this takes about 5.
+# with the tests' status. Each step has its own time limit (200 + 180 + 150 s), so the whole stays
+# under one command's 10 minutes (`timeout_s: 600`); a session's 15 device minutes leave no full rerun.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DIR=.gpu
@@ -38,7 +40,7 @@ run() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/machine.txt"
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$out/machine.txt"
-  python3 -m pytest -q -p no:cacheprovider tests/unit/test_engine_cuda.py 2>&1 | tee "$out/cuda-tests.log"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/unit/test_engine_cuda.py 2>&1 | tee "$out/cuda-tests.log"
   local tests=${PIPESTATUS[0]}
   # A random checkpoint of SmolLM2-135M's shape (30 layers, hidden 576, 9 query and 3 KV heads).
   python3 - /tmp/tgq-smol <<'EOF' 2>&1 | tail -3
@@ -49,8 +51,11 @@ save_random_model(LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_si
                               num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
                               max_position_embeddings=8192, rope_theta=100000.0), sys.argv[1])
 EOF
-  timeout 300 python3 -m bench.paged --device cuda --model /tmp/tgq-smol --json "$out/paged-cuda.json" 2>&1 \
+  timeout 180 python3 -m bench.paged --device cuda --model /tmp/tgq-smol --json "$out/paged-cuda.json" 2>&1 \
     | tee "$out/paged-cuda.log" | tail -30
+  # Each family's fused forward (with its CUDA-graph decode) against transformers' forward.
+  timeout 150 python3 -m bench.families --device cuda --pairs 3 --json "$out/families-cuda.json" 2>&1 \
+    | tee "$out/families-cuda.log" | tail -12
   exit "$tests"
 }
 
