@@ -20,4 +20,4 @@ bench: setup
 	$(PY) -m bench.suite $(BENCH_ARGS)
 
 lint: setup
-	.venv/bin/ruff check . || true
+	.venv/bin/ruff check .

@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from .schemas import (JOB_VERSION, ErrorEvent, Event, FinalEvent, FinishReason, PrefillToken, Token,
+from .schemas import (ErrorEvent, Event, FinalEvent, FinishReason, PrefillToken, Token,
                       TokenEvent)
 
 VERSION = 1  # a single event: stored results, and replies to v1 jobs

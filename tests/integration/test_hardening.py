@@ -216,7 +216,7 @@ def test_stopped_worker_is_reaped_and_harmless_after_sigcont(redis_url, tiny_mod
             assert "".join(e["token"]["text"] for e in events) == expected  # each token exactly once
             assert events[-1]["details"]["generated_tokens"] == len(events)
         for rid in victims:  # RQ hears of the end just after the final event is published
-            wait_for(lambda: job(client, rid).get_status() == JobStatus.FINISHED, 10, "RQ to record the re-run")
+            wait_for(lambda rid=rid: job(client, rid).get_status() == JobStatus.FINISHED, 10, "RQ to record the re-run")
             j = job(client, rid)
             assert j.meta["attempt"] == 1 and j.worker_name == "healthy"
         ours = set(tap.request_ids()) - before

@@ -40,7 +40,7 @@ def test_events_go_out_in_step_order_and_the_final_before_rq_records_it(conn):
 def test_a_cancel_flag_is_reported_by_the_next_step(conn):
     queue, _, jobs = make_jobs(conn)
     io = PipelinedJobs(jobs)
-    a, b = enqueue(conn, queue), enqueue(conn, queue)
+    _, b = enqueue(conn, queue), enqueue(conn, queue)
     taken = io.fetch(4)
     conn.set(protocol.cancel_key(b.request_id), 1)
     assert io.step_done([], taken) == set()  # the flag is read by this step's round trip ...
