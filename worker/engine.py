@@ -15,7 +15,6 @@ import torch
 from common.schemas import ErrorEvent, Event, FinalEvent, GenerationJob
 from common.settings import LimitSettings, WorkerSettings
 
-from .alternatives import Alternatives
 from .batch import Batch, Row, new_rows
 from .detokenize import make_decoder
 from .metrics import EngineMetrics
@@ -24,7 +23,8 @@ from .paged.blocks import BlockPool
 from .paged.cache import KVPool
 from .paged.prefill import PagedPrefill
 from .prefill import PendingPrefill
-from .sampling import Choice, choose, make_generator
+from .chooser import TokenChooser
+from .sampling import Choice, make_generator
 from .scheduler import Budget, Entry, Scheduler, prefill_groups
 from .watermark import Watermark
 
@@ -70,7 +70,6 @@ class Engine:
         self.batch: Batch | None = None
         self.pending: deque[PendingPrefill] = deque()  # admitted groups whose prompts are being fed
         self.admitting = True
-        self.watermark = Watermark(loaded_model.vocab_size, loaded_model.device)
         tokenizer = loaded_model.tokenizer
         self._decode = decode = make_decoder(tokenizer)
         # A lone id's text (prefill, top). Not through self: a dropped engine then frees its KV pool at
@@ -86,9 +85,9 @@ class Engine:
                 worker_settings.kv_cache == "auto" and fast is not None
                 and (fast.kernel_attention or fast.paged_kernel is not None)):
             self._make_paged_cache()
-        # Plain greedy batches: argmax and logprob of the bf16 logits in one compiled pass (worker/cpu_kernels.py).
-        self._greedy: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = (
-            fast.kernels.greedy if fast is not None and fast.kernel_greedy else None)
+        # Plain greedy batches take the argmax and logprob of the bf16 logits in one compiled pass.
+        self.chooser = TokenChooser(Watermark(loaded_model.vocab_size, loaded_model.device),
+                                    fast.kernels.greedy if fast is not None and fast.kernel_greedy else None)
 
     def _make_paged_cache(self) -> None:
         """The block pool: the running batch's whole token budget (one partly filled block per row on
@@ -246,7 +245,7 @@ class Engine:
         batch = Batch(rows=rows, cache=group.cache, mask=mask, next_pos=mask.sum(dim=1),
                       last_ids=torch.zeros(len(rows), dtype=torch.long, device=self.loaded.device),
                       vocab_size=self.loaded.vocab_size, device=self.loaded.device)
-        choice = self._choose(logits, batch)
+        choice = self.chooser.choose(logits, batch)
         batch.last_ids = choice.ids
         batch.note_seen(choice.ids)
         self._emit(batch, choice, events)
@@ -275,7 +274,7 @@ class Engine:
         try:
             input_ids, mask, positions = batch.decode_inputs()
             out = forward(self.loaded, input_ids, mask, positions, batch.cache, logits_to_keep=1)
-            choice = self._choose(out.logits[:, -1, :], batch)
+            choice = self.chooser.choose(out.logits[:, -1, :], batch)
             batch.advance(choice.ids)
             self._emit(batch, choice, events)
         except Exception as exc:  # the error boundary: fail the whole batch, keep serving
@@ -286,14 +285,6 @@ class Engine:
         self.metrics.observe_inference("decode", time.perf_counter() - t0, True)
         self.scheduler.on_step()
         self._collect_finished(batch, leaving)
-
-    def _choose(self, logits: torch.Tensor, batch: Batch) -> Choice:
-        """Each row's next id, logprob and any alternatives, from its last position's logits [n, V] (model dtype)."""
-        sb = batch.sampling
-        if self._greedy is not None and sb.plain_greedy:
-            ids, logprobs = self._greedy(logits)
-            return Choice(ids, logprobs, Alternatives.of_logits(logits, sb.params))
-        return choose(logits.float(), sb, batch.seen, batch.counts, [r.ids[-1] for r in batch.rows], self.watermark)
 
     def _emit(self, batch: Batch, choice: Choice, events: list[Event]) -> None:
         """Turn the chosen ids into per-row events (one host transfer for the whole batch, one more for

@@ -1,7 +1,8 @@
-"""TGI's logits processing (§9.1), vectorised over a batch with per-row parameters, and the token choice.
+"""TGI's warpers and the draw (§9.1), vectorised over a batch with per-row parameters.
 
-Order: watermark, repetition penalty, OpenAI's frequency/presence penalties, temperature, top-k,
-top-p, typical-p. The reported logprob is log_softmax of the processed scores at the chosen id, and
+They run on scores the row's processors (`worker.processors`: watermark, penalties, the output
+constraint's mask) already transformed: temperature, top-k, top-p, typical-p, then the choice.
+`worker.chooser` composes the two. The reported logprob is log_softmax of the warped scores at the chosen id, and
 rows that ask for `top_n_tokens` alternatives get theirs from that same log_softmax. Greedy rows
 take the argmax; sampling rows draw by inverse CDF with one uniform from their own seeded generator,
 so no row's draw depends on others.
@@ -23,9 +24,8 @@ import torch
 from common.schemas import SamplingParams
 
 from .alternatives import Alternatives
-from .warpers import (CANDIDATES, NEG_INF, openai_penalties, repetition_penalty, top_k_filter, top_p_filter,
-                      typical_filter)
-from .watermark import Watermark
+from .processors import on_rows
+from .warpers import CANDIDATES, NEG_INF, top_k_filter, top_p_filter, typical_filter
 
 U32 = 0xFFFF_FFFF
 
@@ -58,7 +58,7 @@ class SamplingBatch:
     penalty_rows: list[int]
     openai_rows: list[int]  # rows with a frequency or presence penalty
     candidate_rows: list[int]  # rows with top-k or top-p: warped and drawn among candidates
-    plain_greedy: bool  # every row takes the argmax of the raw logits (no penalty, watermark or warper)
+    all_greedy: bool  # no row samples: each takes the argmax of its processed scores
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
@@ -80,8 +80,7 @@ class SamplingBatch:
             penalty_rows=[i for i in rows if params[i].repetition_penalty != 1.0],
             openai_rows=openai_rows,
             candidate_rows=[i for i in rows if params[i].top_k != 0 or params[i].top_p < 1.0],
-            plain_greedy=not openai_rows and all(not p.sampling and p.repetition_penalty == 1.0 and not p.watermark
-                                                 for p in params),
+            all_greedy=not any(p.sampling for p in params),
         )
 
     @property
@@ -93,31 +92,6 @@ class SamplingBatch:
         return bool(self.openai_rows)
 
 
-def _on_rows(scores: torch.Tensor, rows: list[int], fn, *args) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """Apply a filter to a subset of rows only (the others keep their scores).
-
-    Tensor arguments are per batch row and get the same rows; other arguments go through as they are."""
-    if len(rows) == scores.shape[0]:
-        return fn(scores, *args)
-    index = torch.tensor(rows, dtype=torch.long, device=scores.device)
-    scores[index] = fn(scores[index], *(a[index] if isinstance(a, torch.Tensor) else a for a in args))
-    return scores
-
-
-def pre_process(scores: torch.Tensor, sb: SamplingBatch, seen: torch.Tensor | None, counts: torch.Tensor | None,
-                prev_ids: Sequence[int], watermark: Watermark | None) -> torch.Tensor:
-    """The stages that may apply to greedy rows too: watermark, repetition penalty, OpenAI's penalties.
-
-    `seen` [B, V] marks the ids of each row's prompt and output, `counts` [B, V] counts its generated ids."""
-    if sb.watermark_rows and watermark is not None:
-        scores = watermark.apply(scores, sb.watermark_rows, [prev_ids[i] for i in sb.watermark_rows])
-    if sb.penalty_rows and seen is not None:
-        scores = _on_rows(scores, sb.penalty_rows, repetition_penalty, seen, sb.penalty)
-    if sb.openai_rows and counts is not None:
-        scores = _on_rows(scores, sb.openai_rows, openai_penalties, counts, sb.frequency, sb.presence)
-    return scores
-
-
 def warp_dense(scores: torch.Tensor, params: Sequence[SamplingParams], temperature: torch.Tensor,
                candidates: int = CANDIDATES) -> torch.Tensor:
     """Temperature, top-k, top-p, typical-p on dense rows (the reference path)."""
@@ -126,21 +100,14 @@ def warp_dense(scores: torch.Tensor, params: Sequence[SamplingParams], temperatu
         scores = scores / temperature
     top_k = [i for i in rows if params[i].top_k != 0]
     if top_k:
-        scores = _on_rows(scores, top_k, top_k_filter, [params[i].top_k for i in top_k])
+        scores = on_rows(scores, top_k, top_k_filter, [params[i].top_k for i in top_k])
     top_p = [i for i in rows if params[i].top_p < 1.0]
     if top_p:
-        scores = _on_rows(scores, top_p, top_p_filter, [params[i].top_p for i in top_p], candidates)
+        scores = on_rows(scores, top_p, top_p_filter, [params[i].top_p for i in top_p], candidates)
     typical = [i for i in rows if params[i].typical_p < 1.0]
     if typical:
-        scores = _on_rows(scores, typical, typical_filter, [params[i].typical_p for i in typical], candidates)
+        scores = on_rows(scores, typical, typical_filter, [params[i].typical_p for i in typical], candidates)
     return scores
-
-
-def process(scores: torch.Tensor, sb: SamplingBatch, seen: torch.Tensor | None, counts: torch.Tensor | None,
-            prev_ids: Sequence[int], watermark: Watermark | None, candidates: int = CANDIDATES) -> torch.Tensor:
-    """All of the processors on dense fp32 `scores` [B, V] (may modify it in place)."""
-    scores = pre_process(scores, sb, seen, counts, prev_ids, watermark)
-    return warp_dense(scores, sb.params, sb.temperature, candidates)
 
 
 @dataclass
@@ -289,11 +256,9 @@ def _choose_dense(scores: torch.Tensor, sb: SamplingBatch, rows: list[int],
     return ids, torch.log_softmax(dense, dim=-1)
 
 
-def choose(scores: torch.Tensor, sb: SamplingBatch, seen: torch.Tensor | None, counts: torch.Tensor | None,
-           prev_ids: Sequence[int], watermark: Watermark | None, candidates: int = CANDIDATES) -> Choice:
-    """Next id, its logprob (under the processed distribution) and any alternatives for every row of fp32
-    `scores` [B, V]."""
-    scores = pre_process(scores, sb, seen, counts, prev_ids, watermark)
+def choose(scores: torch.Tensor, sb: SamplingBatch, candidates: int = CANDIDATES) -> Choice:
+    """Next id, its logprob (under the warped distribution) and any alternatives for every row of the
+    processed fp32 `scores` [B, V] (`worker.processors` ran first): the warpers, then the draw."""
     batch, vocab = scores.shape
     choice = Choice(torch.zeros(batch, dtype=torch.long, device=scores.device),
                     torch.zeros(batch, dtype=torch.float32, device=scores.device),

@@ -244,7 +244,10 @@ def test_engine_takes_plain_greedy_rows_through_the_kernel(tiny_model_dir, tmp_p
     from common.model_files import resolve
     from common.schemas import SamplingParams
     from worker.model import load_model
+    from worker import processors
+    from worker.chooser import plain_greedy
     from worker.sampling import SamplingBatch
+    from worker.watermark import Watermark
 
     from .test_engine import PROMPTS, job, run_engine
 
@@ -261,15 +264,20 @@ def test_engine_takes_plain_greedy_rows_through_the_kernel(tiny_model_dir, tmp_p
                 2: [job("c", PROMPTS[2], n=5, top_n_tokens=4)]}
 
     eng, with_kernel = tokens(arrivals())
-    assert eng._greedy is not None
+    assert eng.chooser.greedy_kernel is not None
     loaded.fast.kernel_greedy = False
     eng, reference = tokens(arrivals())
-    assert eng._greedy is None
+    assert eng.chooser.greedy_kernel is None
+    seen, counts, watermark = torch.zeros(2, 64, dtype=torch.bool), torch.zeros(2, 64), Watermark(64)
+
+    def plain(params):
+        sb = SamplingBatch.build(params, [None, None], "cpu")
+        return plain_greedy(sb, processors.for_batch(sb, seen, counts, [0, 0], watermark))
+
     for special in ({"do_sample": True}, {"repetition_penalty": 1.2}, {"watermark": True}, {"top_k": 5},
                     {"frequency_penalty": 0.5}, {"presence_penalty": -0.5}):
-        params = [SamplingParams(), SamplingParams(**special)]
-        assert not SamplingBatch.build(params, [None, None], "cpu").plain_greedy
-    assert SamplingBatch.build([SamplingParams(), SamplingParams(top_n_tokens=5)], [None, None], "cpu").plain_greedy
+        assert not plain([SamplingParams(), SamplingParams(**special)])
+    assert plain([SamplingParams(), SamplingParams(top_n_tokens=5)])
     for rid, want in reference.items():
         got = with_kernel[rid]
         assert len(got) == len(want) > 3

@@ -5,7 +5,10 @@ import torch
 
 from common.schemas import SamplingParams
 from worker import sampling
-from worker.sampling import SamplingBatch, choose, fold_seed, make_generator, process
+from worker import processors
+from worker.sampling import SamplingBatch, fold_seed, make_generator, warp_dense
+from worker.sampling import choose as draw
+from worker.warpers import CANDIDATES
 from worker.warpers import repetition_penalty, top_k_filter, top_p_filter, typical_filter
 from worker.watermark import Watermark
 
@@ -19,6 +22,18 @@ def ref_repetition(row: torch.Tensor, context: list[int], penalty: float) -> tor
     score = row.gather(0, ids)
     score = torch.where(score < 0, score * penalty, score / penalty)
     return row.scatter(0, ids, score)
+
+
+def process(scores, sb, seen, counts, prev_ids, watermark, candidates=CANDIDATES):
+    """The processors, then the warpers: the distribution a row draws from."""
+    steps = processors.for_batch(sb, seen, counts, prev_ids, watermark)
+    return warp_dense(processors.apply(steps, scores), sb.params, sb.temperature, candidates)
+
+
+def choose(scores, sb, seen, counts, prev_ids, watermark, candidates=CANDIDATES):
+    """The processors, then the warpers and the draw (what worker.chooser does off the greedy kernel)."""
+    return draw(processors.apply(processors.for_batch(sb, seen, counts, prev_ids, watermark), scores), sb, candidates)
+
 
 
 def ref_top_k(row: torch.Tensor, k: int) -> torch.Tensor:
@@ -280,7 +295,7 @@ def test_openai_penalties_follow_the_repetition_penalty_and_precede_temperature(
     for i, (p, g) in enumerate(zip(prompts, generated)):
         seen[i, p + g] = True
     sb = SamplingBatch.build(params, [make_generator(p.seed) if p.sampling else None for p in params], "cpu")
-    assert sb.openai_rows == [0, 1, 3, 4] and not sb.plain_greedy
+    assert sb.openai_rows == [0, 1, 3, 4] and processors.for_batch(sb, seen, counts_of(generated, vocab), [0] * 5, None)
     out = process(scores.clone(), sb, seen, counts_of(generated, vocab), [0] * 5, None)
     for i, p in enumerate(params):
         row = ref_repetition(scores[i], prompts[i] + generated[i], p.repetition_penalty)
@@ -290,10 +305,12 @@ def test_openai_penalties_follow_the_repetition_penalty_and_precede_temperature(
 
 
 def test_rows_without_openai_penalties_keep_the_plain_greedy_path():
-    assert SamplingBatch.build([SamplingParams()] * 2, [None, None], "cpu").plain_greedy
+    counts = torch.zeros(2, 10)
+    sb = SamplingBatch.build([SamplingParams()] * 2, [None, None], "cpu")
+    assert sb.all_greedy and not processors.for_batch(sb, None, counts, [0, 0], None)
     for penalty in ({"frequency_penalty": 0.1}, {"presence_penalty": -0.1}):
         sb = SamplingBatch.build([SamplingParams(), SamplingParams(**penalty)], [None, None], "cpu")
-        assert not sb.plain_greedy and sb.needs_counts and sb.openai_rows == [1]
+        assert processors.for_batch(sb, None, counts, [0, 0], None) and sb.needs_counts and sb.openai_rows == [1]
 
 
 # ---- top_n_tokens alternatives --------------------------------------------------------------------
