@@ -265,3 +265,8 @@ def _batch_families(fields: dict[str, float]) -> Iterable[Family]:
                                               fields.get(f"inference_duration_sum:{m}", 0.0), count))
     if samples:
         yield Family("tgi_batch_inference_duration", "histogram", samples)
+    counts = _indexed(fields, "grammar_mask_duration_bucket:")
+    if counts:
+        yield Family("tgq_grammar_mask_duration", "histogram", _histogram_samples(
+            "tgq_grammar_mask_duration", {}, layout, counts, fields.get("grammar_mask_duration_sum", 0.0),
+            sum(counts.values())))

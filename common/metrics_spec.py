@@ -7,6 +7,7 @@ families at scrape time. Hash fields (all cumulative, non-negative):
   inference_duration_sum:<method>, inference_duration_bucket:<method>:<i>   (method: prefill|decode)
   next_size_sum, next_size_count, next_size_bucket:<i>
   prefix_cache_hit_tokens, prefix_cache_miss_tokens   (paged KV cache with --prefix-cache)
+  grammar_mask_duration_sum, grammar_mask_duration_bucket:<i>   (steps with constrained rows)
 Bucket fields hold plain (non-cumulative) counts for bucket i of the layout below; i == len(layout)
 is the +Inf bucket. The API makes them cumulative when it renders.
 """

@@ -69,7 +69,9 @@ class StoppingParams:
         return cls(max_new_tokens=int(d["max_new_tokens"]), stop=tuple(str(s) for s in d["stop"]))
 
 
-JOB_VERSION = 2  # the newest job format this code writes and runs (see common.protocol)
+JOB_VERSION = 3  # the newest job format this code writes and runs (see common.protocol)
+CONSTRAINED_JOB_VERSION = 3  # a job with a `grammar`: a worker that predates constraints must refuse it
+PLAIN_JOB_VERSION = 2  # a job without one, which the previous release's workers still run
 
 
 @dataclass(frozen=True)
@@ -84,16 +86,26 @@ class GenerationJob:
     want_prefill: bool = False  # compute prompt logprobs (non-stream details)
     attempt: int = 0  # incremented each time the job is re-run after a worker died
     enqueued_at: float = 0.0  # epoch seconds, set by the API
+    # The output constraint as an llguidance grammar (common.grammars), or None: the worker masks every
+    # token the grammar does not allow, from the first generated token on (a re-run starts it over).
+    grammar: str | None = None
     # Job format version (common.protocol: JOB_VERSION); a job without "v" is a v1 job, from an API
     # of the previous release, which reads one event per message.
-    version: int = JOB_VERSION
+    version: int = PLAIN_JOB_VERSION
+
+    def __post_init__(self) -> None:
+        if self.grammar is not None and self.version < CONSTRAINED_JOB_VERSION:
+            object.__setattr__(self, "version", CONSTRAINED_JOB_VERSION)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "input_ids": list(self.input_ids),
-                "sampling": self.sampling.to_dict(), "stopping": self.stopping.to_dict(),
-                "reply_to": self.reply_to, "want_tokens": self.want_tokens,
-                "want_prefill": self.want_prefill, "attempt": self.attempt,
-                "enqueued_at": self.enqueued_at, "v": self.version}
+        d = {"request_id": self.request_id, "input_ids": list(self.input_ids),
+             "sampling": self.sampling.to_dict(), "stopping": self.stopping.to_dict(),
+             "reply_to": self.reply_to, "want_tokens": self.want_tokens,
+             "want_prefill": self.want_prefill, "attempt": self.attempt,
+             "enqueued_at": self.enqueued_at, "v": self.version}
+        if self.grammar is not None:
+            d["grammar"] = self.grammar
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GenerationJob:
@@ -103,6 +115,7 @@ class GenerationJob:
                    want_tokens=bool(d.get("want_tokens", False)),
                    want_prefill=bool(d.get("want_prefill", False)),
                    attempt=int(d.get("attempt", 0)), enqueued_at=float(d.get("enqueued_at", 0.0)),
+                   grammar=str(d["grammar"]) if d.get("grammar") is not None else None,
                    version=int(d.get("v", 1)))
 
 

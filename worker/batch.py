@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from common.schemas import (FinalEvent, FinishReason, GenerationJob, PrefillToken, Token,
+from common.schemas import (ErrorEvent, FinalEvent, FinishReason, GenerationJob, PrefillToken, Token,
                             TokenEvent)
 
 from .detokenize import IncrementalDecoder
@@ -32,6 +32,8 @@ class Row:
     finish: FinishReason | None = None
     final_event: FinalEvent | None = None
     cancelled: bool = False
+    constraint: Any = None  # the output constraint's matcher (worker.constraints), None when unconstrained
+    error: ErrorEvent | None = None  # set when the row failed on its own (its constraint broke): it leaves
 
     @property
     def active(self) -> bool:

@@ -4,19 +4,24 @@ A step's choice is a strategy picked per batch:
 - **the fused greedy kernel** (`worker/cpu_kernels.py`): argmax and logprob of the raw bf16 logits in
   one pass, when no row samples and no processor needs the full distribution;
 - **processors, warpers and the draw** otherwise: the batch's logits processors (`worker.processors`,
-  the output constraint's mask among them) on fp32 scores, then `worker.sampling.choose`.
+  the output constraint's mask among them, last) on fp32 scores, then `worker.sampling.choose`.
+
+A constrained row's matcher (`worker.constraints`) gives its mask before the choice and consumes the
+chosen id after it; a matcher that refuses the id fails that row alone (`Choice.failed`).
 
 Both give the same ids and logprobs for a plain greedy batch (the kernel is checked against torch's ops
 at load, `worker/models/checks.py`).
 """
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from . import processors
 from .alternatives import Alternatives
+from .constraints import Masks, consume
 from .sampling import Choice, SamplingBatch, choose
 from .watermark import Watermark
 
@@ -32,15 +37,37 @@ def plain_greedy(sb: SamplingBatch, steps: list[processors.LogitsProcessor]) -> 
 
 
 class TokenChooser:
-    def __init__(self, watermark: Watermark | None, greedy_kernel: GreedyKernel | None = None) -> None:
+    def __init__(self, watermark: Watermark | None, greedy_kernel: GreedyKernel | None = None,
+                 masks: Masks | None = None, on_mask: Callable[[float], None] | None = None) -> None:
         self.watermark = watermark
         self.greedy_kernel = greedy_kernel
+        self.masks = masks
+        self.on_mask = on_mask  # gets each step's mask time (the metrics)
 
     def choose(self, logits: torch.Tensor, batch: Batch) -> Choice:
         """Each row's next id, logprob and any alternatives, from its last position's logits [n, V] (model dtype)."""
         sb = batch.sampling
         steps = processors.for_batch(sb, batch.seen, batch.counts, [r.ids[-1] for r in batch.rows], self.watermark)
+        constrained = [i for i, r in enumerate(batch.rows) if r.constraint is not None]
+        if constrained:
+            steps.append(self._mask(batch, constrained))
         if self.greedy_kernel is not None and plain_greedy(sb, steps):
             ids, logprobs = self.greedy_kernel(logits)
             return Choice(ids, logprobs, Alternatives.of_logits(logits, sb.params))
-        return choose(processors.apply(steps, logits.float()), sb)
+        choice = choose(processors.apply(steps, logits.float()), sb)
+        if constrained:
+            matchers = [batch.rows[i].constraint for i in constrained]
+            chosen = choice.ids[torch.tensor(constrained, dtype=torch.long, device=choice.ids.device)].tolist()
+            for i, why in zip(constrained, consume(matchers, chosen)):
+                if why is not None:
+                    choice.failed[i] = why
+        return choice
+
+    def _mask(self, batch: Batch, constrained: list[int]) -> processors.AllowedTokens:
+        if self.masks is None:
+            self.masks = Masks(batch.vocab_size)
+        t0 = time.perf_counter()
+        allowed = self.masks.allowed([batch.rows[i].constraint for i in constrained])
+        if self.on_mask is not None:
+            self.on_mask(time.perf_counter() - t0)
+        return processors.AllowedTokens(constrained, allowed)

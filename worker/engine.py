@@ -24,6 +24,7 @@ from .paged.cache import KVPool
 from .paged.prefill import PagedPrefill
 from .prefill import PendingPrefill
 from .chooser import TokenChooser
+from .constraints import GrammarError, Grammars
 from .sampling import Choice, make_generator
 from .scheduler import Budget, Entry, Scheduler, prefill_groups
 from .watermark import Watermark
@@ -87,7 +88,9 @@ class Engine:
             self._make_paged_cache()
         # Plain greedy batches take the argmax and logprob of the bf16 logits in one compiled pass.
         self.chooser = TokenChooser(Watermark(loaded_model.vocab_size, loaded_model.device),
-                                    fast.kernels.greedy if fast is not None and fast.kernel_greedy else None)
+                                    fast.kernels.greedy if fast is not None and fast.kernel_greedy else None,
+                                    on_mask=self.metrics.observe_grammar_mask)
+        self.grammars = Grammars(tokenizer, loaded_model.vocab_size, loaded_model.eos_token_id)
 
     def _make_paged_cache(self) -> None:
         """The block pool: the running batch's whole token budget (one partly filled block per row on
@@ -184,6 +187,11 @@ class Engine:
             return f"input id {bad} is out of range for a vocabulary of {vocab}"
         if job.stopping.max_new_tokens < 1:
             return "`max_new_tokens` must be strictly positive"
+        if job.grammar is not None:
+            try:
+                self.grammars.matcher(job.grammar)  # compiled once here; each row copies it
+            except GrammarError as exc:
+                return str(exc)
         return None
 
     # ---- prefill and decode ---------------------------------------------------------------------
@@ -192,6 +200,9 @@ class Engine:
         """Queue newcomers for prefill, in groups of similar prompt length."""
         self.metrics.observe_next_size(len(jobs))
         rows = new_rows(jobs, self.loaded.eos_token_id, self._decode, make_generator, time.time())
+        for row in rows:
+            if row.job.grammar is not None:
+                row.constraint = self.grammars.matcher(row.job.grammar)
         if self.blocks is not None and self.kv is not None:  # packed without padding: one group
             hit, miss = self.blocks.hit_tokens, self.blocks.miss_tokens
             self.pending.append(PagedPrefill(rows, self.loaded, self.blocks, self.kv))
@@ -293,8 +304,14 @@ class Engine:
         special = self.loaded.special_ids
         top = choice.top.tokens(self._decode_one, special) if choice.top is not None else {}
         for i, (row, token_id, logprob) in enumerate(zip(batch.rows, pairs[0], pairs[1])):
-            if not row.cancelled:  # cancelled while its prefill ran: it leaves without another event
-                events.append(row.accept(int(token_id), float(logprob), special, self._decode_final, top.get(i, ())))
+            if row.cancelled:  # cancelled while its prefill ran: it leaves without another event
+                continue
+            if i in choice.failed:
+                row.error = server_error(row.job, choice.failed[i])
+                row.cancelled = True  # leaves the batch; _collect_finished reports its error
+                events.append(row.error)
+                continue
+            events.append(row.accept(int(token_id), float(logprob), special, self._decode_final, top.get(i, ())))
 
     def _fail(self, rows: Sequence[Row], exc: Exception, method: str, seconds: float,
               events: list[Event], leaving: Leaving) -> None:
@@ -315,9 +332,9 @@ class Engine:
 
     def _collect_finished(self, batch: Batch, leaving: Leaving) -> None:
         for row in batch.rows:
-            if row.finish is not None:
+            if row.finish is not None or row.error is not None:
                 self.scheduler.release(row.job.request_id)
-                leaving.append((row.job, row.final_event))
+                leaving.append((row.job, row.final_event if row.error is None else row.error))
 
     def _drop_cancelled(self, cancelled: set[str], leaving: Leaving) -> None:
         """Cancelled rows leave now (no final event); cancelled waiting jobs are forgotten."""

@@ -53,6 +53,17 @@ def prefix_cache_families(tokens: dict[str, float]) -> Iterator[Metric]:
         yield family
 
 
+MASK_FAMILY = "tgq_grammar_mask_duration"
+MASK_HELP = "Seconds per step spent computing the output constraints' allowed-token masks"
+
+
+def _mask_family(samples) -> Metric:  # type: ignore[no-untyped-def]
+    family = Metric(MASK_FAMILY, MASK_HELP, "histogram")
+    for name, labels, value in samples(MASK_FAMILY, {}):
+        family.add_sample(name, labels, value)
+    return family
+
+
 class EngineMetrics(Collector):
     """Records batch figures once; exposes them as TGI-named families and as pending Redis hash increments."""
 
@@ -65,6 +76,7 @@ class EngineMetrics(Collector):
         self._durations = {m: _Histogram(duration_buckets()) for m in METHODS}
         self._pending: dict[str, float] = {}
         self.prefix_tokens = {"hit": 0, "miss": 0}  # prompt tokens the prefix cache held / did not hold
+        self._mask = _Histogram(duration_buckets())  # per step: the output constraints' masks
         self.round_trips: Callable[[], int] | None = None  # the worker's Redis round trips so far, if counted
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -106,6 +118,13 @@ class EngineMetrics(Collector):
                     self.prefix_tokens[kind] += n
                     self._add(f"prefix_cache_{kind}_tokens", float(n))
 
+    def observe_grammar_mask(self, seconds: float) -> None:
+        """One step's time computing the allowed-token masks of its constrained rows."""
+        with self._lock:
+            i = self._mask.observe(seconds)
+            self._add("grammar_mask_duration_sum", seconds)
+            self._add(f"grammar_mask_duration_bucket:{i}", 1.0)
+
     def take_increments(self) -> dict[str, float]:
         """Hash-field increments since the last call (see common.metrics_spec); the sink HINCRBYFLOATs them
         in the same pipeline as the step's events, so reporting costs no extra round trip."""
@@ -143,6 +162,8 @@ class EngineMetrics(Collector):
                 yield dur
             if any(self.prefix_tokens.values()):
                 yield from prefix_cache_families(self.prefix_tokens)
+            if self._mask.count:
+                yield _mask_family(self._mask.samples)
         if self.model:
             info = Metric("tgq_worker_info", "1 per live worker process, labelled with the model it serves",
                           "gauge")

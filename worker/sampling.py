@@ -16,7 +16,7 @@ neighbours.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -223,6 +223,7 @@ class Choice:
     ids: torch.Tensor
     logprobs: torch.Tensor
     top: Alternatives | None = None
+    failed: dict[int, str] = field(default_factory=dict)  # rows whose output constraint broke: why
 
     def record(self, rows: list[int], columns: torch.Tensor, logp: torch.Tensor,
                vocab_ids: torch.Tensor | None = None) -> None:

@@ -16,7 +16,7 @@ from rq.serializers import JSONSerializer
 
 from api.replies import ReplyHub
 from common import protocol
-from common.schemas import FinalEvent, FinishReason, GenerationJob, SamplingParams, StoppingParams, Token, TokenEvent
+from common.schemas import JOB_VERSION, FinalEvent, FinishReason, GenerationJob, SamplingParams, StoppingParams, Token, TokenEvent
 from tests.support import v1_codec
 from worker.rq_worker import BatchWorker, RedisJobs
 
@@ -82,7 +82,7 @@ def test_a_job_newer_than_the_worker_is_failed_with_a_clear_error(conn):
     queue, jobs = make_jobs(conn)
     job = new_job(protocol.reply_channel("newer-api"))
     conn.set(protocol.presence_key(job.reply_to), b"1", ex=60)
-    queue.enqueue_call(func=protocol.JOB_FUNC, args=[{**job.to_dict(), "v": 3}], job_id=job.request_id)
+    queue.enqueue_call(func=protocol.JOB_FUNC, args=[{**job.to_dict(), "v": JOB_VERSION + 1}], job_id=job.request_id)
     sub = subscribed(conn, job.reply_to)
     assert jobs.fetch(4) == []
     [error] = protocol.decode_message(sub.get_message(timeout=1)["data"])

@@ -1,0 +1,99 @@
+"""Output constraints in the worker: each constrained row's matcher and its allowed-token mask.
+
+A job's constraint arrives as an llguidance grammar (the API turned the request's JSON schema, regex,
+Lark grammar or choice list into one, `common/grammars.py`). `Grammars` compiles each distinct grammar
+once into a matcher (a bounded LRU) and hands every row its own copy, so no grammar is compiled per
+row or per token. Each step, `masks` fills one bitmask for all constrained rows at once (llguidance's
+executor runs them in parallel threads without the GIL), and `consume` advances each row's matcher by
+the token it chose. A matcher that ends complete allows only EOS, so a constrained row ends there
+(`eos_token`) unless its length limit comes first.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import llguidance
+import llguidance.hf
+import torch
+from llguidance import LLExecutor, LLMatcher
+from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask_par
+
+from common.grammars import parser_limits
+
+BITS = torch.arange(8, dtype=torch.uint8)
+
+
+class GrammarError(ValueError):
+    """A grammar the worker cannot compile or follow: the job fails with this message."""
+
+
+class Grammars:
+    """Compiled grammars by their text (LRU of `capacity`), for one tokenizer."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_id: int | None, capacity: int = 64) -> None:
+        self._hf = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
+        self.capacity = capacity
+        self._tokenizer: llguidance.LLTokenizer | None = None  # built at the first constrained job (~0.4 s)
+        self._compiled: OrderedDict[str, LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()
+        self.compile_seconds: list[float] = []  # one entry per compilation, for the metrics
+
+    def _llt(self) -> llguidance.LLTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size,
+                                                           eos_token=self.eos_token_id)
+        return self._tokenizer
+
+    def matcher(self, grammar: str) -> LLMatcher:
+        """A fresh matcher for `grammar` at its start; GrammarError if it does not compile."""
+        with self._lock:
+            compiled = self._compiled.get(grammar)
+            if compiled is None:
+                t0 = time.perf_counter()
+                compiled = LLMatcher(self._llt(), grammar, log_level=0, limits=parser_limits())
+                self.compile_seconds.append(time.perf_counter() - t0)
+                if compiled.is_error():
+                    raise GrammarError(f"invalid grammar: {compiled.get_error()}")
+                self._compiled[grammar] = compiled
+                while len(self._compiled) > self.capacity:
+                    self._compiled.popitem(last=False)
+            else:
+                self._compiled.move_to_end(grammar)
+            return compiled.deep_copy()
+
+
+class Masks:
+    """Fills the allowed-token masks of a step's constrained rows (one executor for the worker's life)."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self._executor = LLExecutor()
+        self._bitmask = allocate_token_bitmask(1, vocab_size)
+
+    def allowed(self, matchers: Sequence[LLMatcher]) -> torch.Tensor:
+        """[len(matchers), V] bool: the ids each matcher allows next."""
+        n = len(matchers)
+        if self._bitmask.shape[0] < n:
+            self._bitmask = allocate_token_bitmask(n, self.vocab_size)
+        bitmask = self._bitmask[:n]
+        fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
+        packed = bitmask.view(torch.uint8)  # little-endian: byte k, bit b is id 8k + b
+        return (packed.unsqueeze(-1) >> BITS).bitwise_and_(1).bool().reshape(n, -1)[:, :self.vocab_size]
+
+
+def consume(matchers: Sequence[LLMatcher], ids: Sequence[int]) -> list[str | None]:
+    """Advance each matcher by its row's chosen id; per row None, or why the matcher refused it."""
+    errors: list[str | None] = []
+    for matcher, token in zip(matchers, ids):
+        if matcher.is_stopped():  # complete: the row's EOS ends it, nothing left to follow
+            errors.append(None)
+        elif matcher.consume_token(token):
+            errors.append(None)
+        else:
+            errors.append(f"the output constraint failed: {matcher.get_error() or 'token refused'}")
+    return errors
