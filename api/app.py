@@ -17,19 +17,19 @@ from common.errors import Unauthorized
 from common.redis_client import connect
 from common.settings import ApiSettings, LimitSettings, RedisSettings, ServedModelsSettings
 
-from . import docs, playground, routes, tgi3, v1
+from . import docs, playground, tgi, v1
+from .core.metrics import Metrics
+from .core.models import ModelRegistry, ServedModel
+from .core.reaping import LeaseReaper
+from .core.replies import ReplyHub
+from .core.service import GenerationService
+from .core.state import TgqState
 from .errors import register_error_handlers
-from .metrics import Metrics
-from .models import ModelRegistry, ServedModel
-from .reaping import LeaseReaper
-from .replies import ReplyHub
 from .server import WORKER_CONNECTIONS, served_models
-from .service import GenerationService
-from .state import TgqState
 
 CORS_METHODS = "GET,POST"
 # What `--api-key` guards: every route that generates, tokenizes or lists models.
-GUARDED_ENDPOINTS = routes.GENERATION_ENDPOINTS | tgi3.GUARDED_ENDPOINTS | v1.GUARDED_ENDPOINTS
+GUARDED_ENDPOINTS = tgi.GUARDED_ENDPOINTS | v1.GUARDED_ENDPOINTS
 CORS_VARY = "origin, access-control-request-method, access-control-request-headers"
 
 
@@ -43,7 +43,7 @@ class AppConfig:
     # each served model's (id, tokenizer directory), in order; None: found through common.model_files
     served: tuple[tuple[str, str], ...] | None = None
     keepalive_s: float = 15.0  # SSE comment after this much silence (axum's KeepAlive default)
-    reap_every_s: float = 0.0  # sweep for dead workers' leases (api.reaping); 0: leave it to workers
+    reap_every_s: float = 0.0  # sweep for dead workers' leases (api.core.reaping); 0: leave it to workers
     created: int = 0  # when the API started serving its models (/v1/models); 0: now
 
 
@@ -70,12 +70,12 @@ def create_app(config: AppConfig, *, redis_client: redis.Redis | None = None) ->
             reaper.start()
     app.extensions["tgq"] = state
 
-    app.register_blueprint(routes.bp)
-    app.register_blueprint(tgi3.bp)
+    for bp in tgi.BLUEPRINTS:
+        app.register_blueprint(bp)
     app.register_blueprint(v1.bp)
     app.register_blueprint(docs.bp)
     app.register_blueprint(playground.bp)
-    register_error_handlers(app, api.max_body_bytes)
+    register_error_handlers(app, default=tgi.errors.error_response)
     _install_cors(app, api)
     _install_api_key(app, api)
     return app

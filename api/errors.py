@@ -1,24 +1,27 @@
-"""HTTP error bodies: TGI's JSON envelope for service errors, axum's plain text for the rest; on
-the /v1 routes (blueprint `v1`) OpenAI's envelope for everything (`api.v1.errors`)."""
+"""Errors at the HTTP boundary, whatever the dialect.
+
+Each dialect renders a ServiceError in its own envelope and registers that renderer on its own
+blueprints (`register_envelope`): TGI's JSON (`api.tgi.errors`) and OpenAI's (`api.v1.errors`). Here
+live what every envelope needs to say (a body too large, an unexpected failure, Redis down) and the
+app-wide handlers for requests no blueprint owns: routing failures answer as axum does (404 with an
+empty body, 405 with `Allow`), and the routes outside the dialects (/metrics, /docs, ...) use the
+default envelope the app factory names.
+"""
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
-import orjson
 import redis
-from flask import Flask, Response, request
+from flask import Blueprint, Flask, Response, current_app
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
 from common.errors import ServiceError, Unavailable
 
-from .parsing import Rejection
-from .v1 import errors as v1_errors
-
 log = logging.getLogger(__name__)
 
-JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
-V1_BLUEPRINT = "v1"
+Render = Callable[[ServiceError], Response]
 
 
 class PayloadTooLarge(ServiceError):
@@ -40,41 +43,47 @@ class InternalError(ServiceError):
         super().__init__("Internal server error")
 
 
-def error_body(exc: ServiceError) -> bytes:
-    return orjson.dumps({"error": exc.message, "error_type": exc.error_type})
-
-
-def error_response(exc: ServiceError) -> Response:
-    if request and request.blueprint == V1_BLUEPRINT:
-        return v1_errors.error_response(exc)
-    return Response(error_body(exc), status=exc.status_code, content_type=JSON)
-
-
 def plain_response(status: int, text: str) -> Response:
     return Response(text, status=status, content_type=TEXT)
 
 
-def register_error_handlers(app: Flask, max_body_bytes: int) -> None:
-    @app.errorhandler(ServiceError)
-    def _service(exc: ServiceError) -> Response:
-        return error_response(exc)
+def _handlers(render: Render) -> dict[type[Exception] | int, Callable[[Exception], Response]]:
+    def service(exc: Exception) -> Response:
+        assert isinstance(exc, ServiceError)
+        return render(exc)
 
-    @app.errorhandler(Rejection)
-    def _rejection(exc: Rejection) -> Response:
-        if request.blueprint == V1_BLUEPRINT:
-            return v1_errors.error_response(v1_errors.InvalidRequest(exc.text))
-        return plain_response(exc.status, exc.text)
-
-    # The one boundary where a Redis outage becomes a clean 503 (never a traceback).
-    @app.errorhandler(redis.exceptions.ConnectionError)
-    @app.errorhandler(redis.exceptions.TimeoutError)
-    def _redis_down(exc: Exception) -> Response:
+    def redis_down(exc: Exception) -> Response:
+        # The one boundary where a Redis outage becomes a clean 503 (never a traceback).
         log.warning("Redis unreachable: %s", exc)
-        return error_response(Unavailable())
+        return render(Unavailable())
 
-    @app.errorhandler(RequestEntityTooLarge)
-    def _too_large(exc: RequestEntityTooLarge) -> Response:
-        return error_response(PayloadTooLarge(max_body_bytes))
+    def too_large(exc: Exception) -> Response:
+        return render(PayloadTooLarge(int(current_app.config.get("MAX_CONTENT_LENGTH") or 0)))
+
+    def http(exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return plain_response(exc.code or 500, exc.description or "")
+
+    def unexpected(exc: Exception) -> Response:
+        if isinstance(exc, HTTPException):
+            return http(exc)
+        log.exception("unhandled error")
+        return render(InternalError())
+
+    return {ServiceError: service, redis.exceptions.ConnectionError: redis_down,
+            redis.exceptions.TimeoutError: redis_down, RequestEntityTooLarge: too_large,
+            HTTPException: http, Exception: unexpected}
+
+
+def register_envelope(target: Blueprint | Flask, render: Render) -> None:
+    """Errors raised in `target`'s views answer in `render`'s envelope."""
+    for kind, handler in _handlers(render).items():
+        target.register_error_handler(kind, handler)
+
+
+def register_error_handlers(app: Flask, default: Render) -> None:
+    """App-wide: the default envelope for routes outside the dialects, and axum's routing failures."""
+    register_envelope(app, default)
 
     @app.errorhandler(NotFound)
     def _not_found(exc: NotFound) -> Response:
@@ -86,12 +95,3 @@ def register_error_handlers(app: Flask, max_body_bytes: int) -> None:
         if exc.valid_methods:
             resp.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
         return resp
-
-    @app.errorhandler(HTTPException)
-    def _http(exc: HTTPException) -> Response:
-        return plain_response(exc.code or 500, exc.description or "")
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:
-        log.exception("unhandled error")
-        return error_response(InternalError())

@@ -97,8 +97,8 @@ class InProcess:
     """The model loaded as `tgq worker` loads it, and the API's validator to turn bodies into jobs."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from api.models import load_tokenizer
-        from api.validation import Validator
+        from api.core.models import load_tokenizer
+        from api.core.validation import Validator
         from common import model_files
         from common.settings import LimitSettings, WorkerSettings
         from worker.model import load_model
@@ -113,7 +113,7 @@ class InProcess:
         self.validator = Validator(self.limits, load_tokenizer(Path(tok_dir) / "tokenizer.json"))
 
     def jobs(self, bodies: list[dict]) -> list[Any]:
-        from api.parsing import parse_request
+        from api.tgi.parsing import parse_request
         from common.schemas import GenerationJob
 
         out = []

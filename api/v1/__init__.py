@@ -4,4 +4,6 @@ from __future__ import annotations
 from . import errors
 from .routes import GUARDED_ENDPOINTS, bp
 
+errors.register(bp)
+
 __all__ = ["GUARDED_ENDPOINTS", "bp", "errors"]

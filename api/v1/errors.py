@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from flask import Response
+from flask import Blueprint, Response
 
 from common.errors import (GenerationError, IncompleteGeneration, Overloaded, ServiceError, Unauthorized,
                            Unavailable, ValidationError)
+
+from ..errors import register_envelope
 
 JSON = "application/json"
 
@@ -57,3 +59,7 @@ def openai_error(exc: ServiceError) -> tuple[int, dict[str, Any]]:
 def error_response(exc: ServiceError) -> Response:
     status, body = openai_error(exc)
     return Response(orjson.dumps(body), status=status, content_type=JSON)
+
+
+def register(bp: Blueprint) -> None:
+    register_envelope(bp, error_response)

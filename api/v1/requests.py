@@ -18,10 +18,10 @@ import orjson
 from common.errors import ValidationError
 from common.schemas import SamplingParams
 
-from ..models import ServedModel
-from ..parsing import RawParameters, RawRequest
-from ..service import JobSpec
-from ..validation import random_seed
+from ..core.models import ServedModel
+from ..core.request import RawParameters, RawRequest
+from ..core.service import JobSpec
+from ..core.validation import random_seed
 from .errors import InvalidRequest
 
 U64 = 2**64

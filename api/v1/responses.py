@@ -17,7 +17,7 @@ import orjson
 
 from common.schemas import FinalEvent, FinishReason, Token
 
-from ..responses import f32_logprob
+from ..core.numbers import f32_logprob
 
 FINGERPRINT = "tgq-0.1.0"
 NO_LOGPROB = -9999.0  # OpenAI's value for a logprob that is not a finite number

@@ -14,12 +14,12 @@ from flask import Blueprint, Response, request
 
 from common.schemas import FinalEvent, TokenEvent
 
-from ..chat_template import TemplateError
-from ..handlers import count_successes, failures_counted, state, stream_hooks, wait_finals
-from ..models import ServedModel
-from ..service import Submission
-from ..state import TgqState
-from ..streaming import StreamHooks, guarded, keepalives
+from ..core.chat_template import TemplateError
+from ..core.handlers import count_successes, failures_counted, state, stream_hooks, wait_finals
+from ..core.models import ServedModel
+from ..core.service import Submission
+from ..core.state import TgqState
+from ..core.streams import StreamHooks, guarded, keepalives
 from .errors import JSON, InvalidRequest, openai_error
 from .requests import Planned, V1Request, chat_request, choices, completion_request, load_body, plan
 from .responses import DONE, Envelope, finish_reason, piece, sse

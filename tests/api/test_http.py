@@ -16,7 +16,7 @@ def test_unknown_path_404_empty(harness: Harness) -> None:
     resp = harness.client.get("/nope")
     assert resp.status_code == 404 and resp.data == b""
     assert harness.client.get("/openapi.json").status_code == 404  # v0.5.0 serves /api-doc/openapi.json
-    assert harness.client.get("/info/extra").status_code == 404  # /info itself is TGI 3's (api.tgi3)
+    assert harness.client.get("/info/extra").status_code == 404  # /info itself is TGI 3's (api.tgi.tgi3)
 
 
 @pytest.mark.parametrize("method, path", [("get", "/generate"), ("get", "/generate_stream"), ("put", "/"),

@@ -1,7 +1,7 @@
 """Relay: which worker events reach the client when jobs are re-run or messages are lost."""
 from __future__ import annotations
 
-from api.replies import Relay
+from api.core.replies import Relay
 from common.schemas import ErrorEvent, FinalEvent, FinishReason, Token, TokenEvent
 
 

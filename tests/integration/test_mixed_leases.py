@@ -23,8 +23,8 @@ from rq.job import Job
 from rq.registry import FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from api.queue import JobQueue
-from api.replies import ReplyHub
+from api.core.queue import JobQueue
+from api.core.replies import ReplyHub
 from common import protocol
 from common.reaper import reap_expired
 from common.schemas import FinalEvent, GenerationJob, SamplingParams, StoppingParams

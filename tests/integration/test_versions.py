@@ -14,7 +14,7 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from api.replies import ReplyHub
+from api.core.replies import ReplyHub
 from common import protocol
 from common.schemas import JOB_VERSION, FinalEvent, FinishReason, GenerationJob, SamplingParams, StoppingParams, Token, TokenEvent
 from tests.support import v1_codec

@@ -1,4 +1,4 @@
-"""api.chat_template against transformers' apply_chat_template(tokenize=False): the same bytes for
+"""api.core.chat_template against transformers' apply_chat_template(tokenize=False): the same bytes for
 SmolLM2's own template, a ChatML one and a Llama-3-style one; the sandbox; template lookup."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import jinja2
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from api.chat_template import ChatTemplate, TemplateError
+from api.core.chat_template import ChatTemplate, TemplateError
 from common.model_files import ensure_tokenizer, resolve
 
 # Qwen2.5-style ChatML: a default system prompt, tool calls as JSON, `continue` (loop controls).

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from api.metrics import Metrics
-from api.responses import Timing
+from api.core.metrics import Metrics
+from api.core.timing import Timing
 from common.cli import _parser
 from common.settings import LimitSettings
 from worker.metrics import EngineMetrics

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from api.parsing import Rejection, parse_request
-from api.validation import Validator, check_best_of, parse_and_validate
+from api.tgi.parsing import Rejection, parse_and_validate, parse_request
+from api.core.validation import Validator, check_best_of
 from common.errors import Overloaded, ValidationError
 from common.settings import LimitSettings
 from tests.support.tiny_tokenizer import build

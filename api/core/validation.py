@@ -1,19 +1,20 @@
 """TGI 0.5.0's request validation: the same checks, in the same order, with the same messages.
 
 Pure (no Flask, no Redis): the routes call `check_best_of` (handler level), then the queue's 429
-check, then `Validator.validate`. `parse_and_validate` chains parsing and both checks for tests.
+check, then `Validator.validate` (`api.tgi.parsing.parse_and_validate` chains them for tests).
+These are tgq's parameter rules for both dialects, worded as TGI 0.5.0 words them.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 from common.errors import ValidationError
 from common.schemas import SamplingParams, StoppingParams
 from common.settings import LimitSettings
 
-from .parsing import F32_MAX, RawParameters, RawRequest, parse_request
+from .request import F32_MAX, RawParameters, RawRequest
 
 
 class Encoding(Protocol):
@@ -161,19 +162,3 @@ class Validator:
             raise ValidationError(
                 f"`inputs` must have less than {limits.max_input_length} tokens. Given: {input_length}")
         return tuple(ids)
-
-
-def parse_and_validate(body: bytes, content_type: str | None, validator: Validator, *,
-                       compat: bool = False, stream: bool | None = None,
-                       overloaded: Callable[[int], None] | None = None) -> ValidRequest:
-    """Parse, handler-level best_of check, optional 429 hook, validate: the routes' order.
-
-    `stream` None means "as the body says" (compat routes) or False.
-    Raises parsing.Rejection, common.errors.ValidationError or whatever `overloaded` raises.
-    """
-    request = parse_request(body, content_type, compat=compat)
-    is_stream = request.stream if stream is None else stream
-    copies = check_best_of(request.parameters, validator.limits, stream=is_stream)
-    if overloaded is not None:
-        overloaded(copies)
-    return validator.validate(request, best_of=copies)

@@ -7,35 +7,16 @@ as null; seeds are full u64 (orjson writes them exactly).
 from __future__ import annotations
 
 import math
-import struct
-import time
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import orjson
 
 from common.schemas import FinalEvent, PrefillToken, Token
 
+from ..core.numbers import f32_logprob
+from ..core.timing import Timing
+
 COMPUTE_TYPE = "gpu+optimized"
-
-
-def _f32_bits(x: float) -> bytes:
-    return struct.pack("<f", x)
-
-
-def f32_logprob(x: float | None) -> float | None:
-    """The shortest decimal that is the same f32 as `x` (so `-1.8267672`, not `-1.8267672061920166`)."""
-    if x is None or not math.isfinite(x):
-        return None
-    try:
-        target = _f32_bits(x)
-    except OverflowError:
-        return None
-    for digits in range(1, 10):
-        candidate = float(f"{x:.{digits}g}")
-        if _f32_bits(candidate) == target:
-            return candidate
-    return x
 
 
 def token_dict(t: Token) -> dict[str, Any]:
@@ -90,39 +71,6 @@ def generate_body(finals: Sequence[FinalEvent], winner: int, *, details: bool, p
 
 def dumps(obj: Any) -> bytes:
     return orjson.dumps(obj)
-
-
-@dataclass(frozen=True)
-class Timing:
-    """A request's clock readings (epoch seconds) for TGI's headers and duration metrics."""
-    start: float  # handler entered
-    enqueued: float  # job(s) enqueued
-    batched: float  # FinalEvent.started_at: the job joined a batch
-    end: float
-
-    @property
-    def total(self) -> float:
-        return max(0.0, self.end - self.start)
-
-    @property
-    def validation(self) -> float:
-        return max(0.0, self.enqueued - self.start)
-
-    @property
-    def queue(self) -> float:
-        return max(0.0, self.batched - self.enqueued)
-
-    @property
-    def inference(self) -> float:
-        return max(0.0, self.end - self.batched)
-
-    def per_token(self, generated_tokens: int) -> float:
-        return self.inference / max(1, generated_tokens)
-
-
-def timing_for(start: float, enqueued: float, final: FinalEvent, end: float | None = None) -> Timing:
-    batched = min(max(final.started_at, enqueued), end or time.time())
-    return Timing(start=start, enqueued=enqueued, batched=batched, end=end or time.time())
 
 
 def _ms(seconds: float) -> str:

@@ -27,7 +27,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from common import metrics_spec, protocol
 from common.settings import LimitSettings
 
-from .responses import Timing
+from .timing import Timing
 
 log = logging.getLogger(__name__)
 

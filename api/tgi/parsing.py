@@ -12,10 +12,11 @@ No Flask import: this module is pure.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Callable
 
+from ..core.request import RawParameters, RawRequest
+from ..core.validation import ValidRequest, Validator, check_best_of
 from .jsontext import JsonSyntaxError, Node, parse, position
 
 JSON_CONTENT_TYPE_MSG = "Expected request with `Content-Type: application/json`"
@@ -25,7 +26,6 @@ DATA_PREFIX = "Failed to deserialize the JSON body into the target type: "
 U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
-F32_MAX = 3.4028234663852886e38
 
 
 class Rejection(Exception):
@@ -35,32 +35,6 @@ class Rejection(Exception):
         super().__init__(text)
         self.status = status
         self.text = text
-
-
-@dataclass(frozen=True)
-class RawParameters:
-    """TGI 0.5.0 `GenerateParameters` as deserialized (floats already rounded to f32)."""
-    best_of: int | None = None
-    temperature: float | None = None
-    repetition_penalty: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    typical_p: float | None = None
-    do_sample: bool = False
-    max_new_tokens: int = 20
-    return_full_text: bool | None = None
-    stop: tuple[str, ...] = ()
-    truncate: int | None = None
-    watermark: bool = False
-    details: bool = False
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class RawRequest:
-    inputs: str
-    parameters: RawParameters = RawParameters()
-    stream: bool = False  # only read from the compat routes (`POST /`, `/invocations`)
 
 
 def is_json_content_type(value: str | None) -> bool:
@@ -282,3 +256,19 @@ class _Walker:
             fields.append(("stream", self.boolean))
         name = "CompatGenerateRequest" if compat else "GenerateRequest"
         return RawRequest(**self.struct(node, [], name, fields, ("inputs",)))
+
+
+def parse_and_validate(body: bytes, content_type: str | None, validator: Validator, *,
+                       compat: bool = False, stream: bool | None = None,
+                       overloaded: Callable[[int], None] | None = None) -> ValidRequest:
+    """Parse, handler-level best_of check, optional 429 hook, validate: the routes' order.
+
+    `stream` None means "as the body says" (compat routes) or False.
+    Raises parsing.Rejection, common.errors.ValidationError or whatever `overloaded` raises.
+    """
+    request = parse_request(body, content_type, compat=compat)
+    is_stream = request.stream if stream is None else stream
+    copies = check_best_of(request.parameters, validator.limits, stream=is_stream)
+    if overloaded is not None:
+        overloaded(copies)
+    return validator.validate(request, best_of=copies)

@@ -1,7 +1,7 @@
 """What the handlers of both dialects share: the app's state, the client's socket, waiting for
 the final events of a submission, and the hooks that end a stream (metrics, cancel, release).
 
-Flask request context only; the formats live in the dialects (`api.routes`, `api.v1`).
+Flask request context only; the formats live in the dialects (`api.tgi`, `api.v1`).
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from common.errors import ServiceError, Unavailable
 from common.schemas import FinalEvent
 
 from .models import ServedModel
-from .responses import timing_for
+from .timing import timing_for
 from .service import REDIS_DOWN, ClientGone, Submission
 from .state import TgqState
-from .streaming import StreamHooks
+from .streams import StreamHooks
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ TGI's router deserializes request bodies with serde_json; its error messages end
 `at line L column C`, where C counts *bytes* from the start of the line up to the point the
 reader had reached. Python's `json` module has other messages and no positions for type errors,
 so tgq reads the body with this reader (strings go through the C `scanstring`, so long prompts
-stay cheap) and `api.parsing` walks the resulting nodes in document order.
+stay cheap) and `api.tgi.parsing` walks the resulting nodes in document order.
 """
 from __future__ import annotations
 

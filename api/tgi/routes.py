@@ -11,15 +11,17 @@ from flask import Blueprint, Response, request
 
 from common.errors import Overloaded, Unavailable, ValidationError
 
+from ..core.handlers import failures_counted, state, stream_hooks, wait_finals
+from ..core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..core.request import RawParameters, RawRequest
+from ..core.service import REDIS_DOWN, JobSpec
+from ..core.timing import timing_for
+from ..core.validation import ValidRequest, check_best_of, random_seed
 from .errors import JSON
-from .handlers import failures_counted, state, stream_hooks, wait_finals
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .parsing import JSON_CONTENT_TYPE_MSG, RawParameters, RawRequest, Rejection, is_json_content_type, parse_request
-from .responses import dumps, generate_body, generate_headers, pick_best, stream_headers, timing_for
-from .service import REDIS_DOWN, JobSpec
+from .parsing import JSON_CONTENT_TYPE_MSG, Rejection, is_json_content_type, parse_request
+from .responses import dumps, generate_body, generate_headers, pick_best, stream_headers
 from .streaming import CONTENT_TYPE as SSE_TYPE
 from .streaming import relay_stream, single_error_stream
-from .validation import ValidRequest, check_best_of, random_seed
 
 bp = Blueprint("tgq", __name__)
 

@@ -11,12 +11,12 @@ import orjson
 from flask import Blueprint, Response, request
 from tokenizers import Tokenizer
 
+from ..core.handlers import state
+from ..core.models import ServedModel
+from ..v1.requests import chat_request, load_body
+from ..v1.routes import render_chat
 from .errors import JSON
-from .handlers import state
-from .models import ServedModel
 from .parsing import parse_request
-from .v1.requests import chat_request, load_body
-from .v1.routes import render_chat
 
 bp = Blueprint("tgi3", __name__)
 

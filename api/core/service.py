@@ -1,6 +1,6 @@
 """The format-neutral core of a generation request: submit jobs, relay their events, cancel.
 
-Every dialect (TGI's routes in `api.routes`, TGI 3's in `api.tgi3`, OpenAI's in `api.v1`) goes
+Every dialect (TGI's routes in `api.tgi.routes`, TGI 3's in `api.tgi.tgi3`, OpenAI's in `api.v1`) goes
 through here: they map their request onto a `JobSpec`, submit it to a served model, and turn the events
 of `GenerationService.events` into their own response format. No Flask here.
 """
