@@ -3,6 +3,7 @@ OpenAI dialect maps its fields onto (`api.core.validation` checks it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 F32_MAX = 3.4028234663852886e38
 
@@ -24,6 +25,7 @@ class RawParameters:
     watermark: bool = False
     details: bool = False
     seed: int | None = None
+    grammar: tuple[str, Any] | None = None  # TGI 3's `{"type", "value"}` as given (api.core.constraints)
 
 
 @dataclass(frozen=True)

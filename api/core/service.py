@@ -48,6 +48,7 @@ class JobSpec:
     # final event fills any token event pub/sub lost)
     want_tokens: bool = False
     want_prefill: bool = False  # prompt logprobs (TGI's non-stream details)
+    grammar: str | None = None  # the output constraint every one of these jobs follows (llguidance)
 
 
 @dataclass
@@ -87,7 +88,7 @@ class GenerationService:
             jobs = [GenerationJob(
                 request_id=rid, input_ids=spec.input_ids, sampling=dataclasses.replace(spec.sampling, seed=seed),
                 stopping=spec.stopping, reply_to=self.hub.channel, want_tokens=spec.want_tokens,
-                want_prefill=spec.want_prefill, attempt=0, enqueued_at=enqueued_at)
+                want_prefill=spec.want_prefill, attempt=0, enqueued_at=enqueued_at, grammar=spec.grammar)
                 for rid, (spec, seed) in zip(ids, pairs, strict=True)]
             queue.enqueue(jobs)
         except BaseException:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 from common.errors import ValidationError
+from common.grammars import ConstraintError
 from common.schemas import SamplingParams, StoppingParams
 from common.settings import LimitSettings
 
+from .constraints import from_tagged, grammar_of
 from .request import F32_MAX, RawParameters, RawRequest
 
 
@@ -38,10 +40,21 @@ class ValidRequest:
     details: bool
     return_full_text: bool | None
     seed_given: bool
+    grammar: str | None = None  # the output constraint as an llguidance grammar (api.core.constraints)
 
     @property
     def input_length(self) -> int:
         return len(self.input_ids)
+
+
+def _grammar(given: tuple[str, Any] | None) -> str | None:
+    """TGI 3's grammar check, worded as TGI 3 words it."""
+    if given is None:
+        return None
+    try:
+        return grammar_of(from_tagged(*given))
+    except ConstraintError as exc:
+        raise ValidationError(f"grammar is not valid: {exc}") from None
 
 
 def random_seed() -> int:
@@ -122,6 +135,7 @@ class Validator:
             raise ValidationError(
                 f"`truncate` must be strictly positive and less than {limits.max_input_length}. "
                 f"Given: {p.truncate}")
+        grammar = _grammar(p.grammar)
         input_ids = self._input_ids(request.inputs, p.truncate, p.max_new_tokens, input_ids)
         return ValidRequest(
             inputs=request.inputs, input_ids=input_ids,
@@ -131,7 +145,7 @@ class Validator:
                                     watermark=p.watermark, seed=p.seed if p.seed is not None else 0),
             stopping=StoppingParams(max_new_tokens=p.max_new_tokens, stop=p.stop),
             best_of=best_of, details=p.details, return_full_text=p.return_full_text,
-            seed_given=p.seed is not None)
+            seed_given=p.seed is not None, grammar=grammar)
 
     def tokenize(self, inputs: str, *, add_special_tokens: bool = True) -> list[int]:
         if self.tokenizer is None:

@@ -15,6 +15,7 @@ import struct
 from decimal import Decimal
 from typing import Any, Callable
 
+from ..core.constraints import TAGGED_TYPES
 from ..core.request import RawParameters, RawRequest
 from ..core.validation import ValidRequest, Validator, check_best_of
 from .jsontext import JsonSyntaxError, Node, parse, position
@@ -229,6 +230,28 @@ class _Walker:
             return out
         raise self.invalid_type(node, f"struct {name}", path)
 
+    def grammar(self, node: Node, path: list[str | int]) -> tuple[str, Any]:
+        """TGI 3's `GrammarType`, serde's adjacently tagged enum: `{"type": <variant>, "value": ...}`."""
+        if node.kind != "obj":
+            raise self.invalid_type(node, "adjacently tagged enum GrammarType", path)
+        fields: dict[str, tuple[int, Node]] = {}
+        for key, key_end, value in node.value:
+            if key in ("type", "value"):
+                if key in fields:
+                    raise self.error(f"duplicate field `{key}`", key_end, path)
+                fields[key] = (key_end, value)
+        if "type" not in fields:
+            raise self.error("missing field `type`", node.end, path)
+        kind = fields["type"][1]
+        if kind.kind != "str":
+            raise self.invalid_type(kind, "variant identifier", path + ["type"])
+        if kind.value not in TAGGED_TYPES:
+            expected = ", ".join(f"`{t}`" for t in TAGGED_TYPES)
+            raise self.error(f"unknown variant `{kind.value}`, expected one of {expected}", kind.end, path + ["type"])
+        if "value" not in fields:
+            raise self.error("missing field `value`", node.end, path)
+        return str(kind.value), plain(fields["value"][1])
+
     def parameters(self, node: Node, path: list[str | int]) -> RawParameters:
         opt = self.optional
         fields: list[tuple[str, Callable[[Node, list[str | int]], Any]]] = [
@@ -246,6 +269,7 @@ class _Walker:
             ("watermark", self.boolean),
             ("details", self.boolean),
             ("seed", opt(lambda n, p: self.unsigned(n, p, "u64", U64_MAX))),
+            ("grammar", opt(self.grammar)),  # TGI 3's field
         ]
         return RawParameters(**self.struct(node, path, "GenerateParameters", fields, ()))
 
@@ -256,6 +280,15 @@ class _Walker:
             fields.append(("stream", self.boolean))
         name = "CompatGenerateRequest" if compat else "GenerateRequest"
         return RawRequest(**self.struct(node, [], name, fields, ("inputs",)))
+
+
+def plain(node: Node) -> Any:
+    """A parsed JSON value as Python values (objects keep the last of duplicate keys, as serde_json's Value)."""
+    if node.kind == "obj":
+        return {key: plain(value) for key, _, value in node.value}
+    if node.kind == "arr":
+        return [plain(item) for item in node.value]
+    return node.value
 
 
 def parse_and_validate(body: bytes, content_type: str | None, validator: Validator, *,

@@ -98,7 +98,7 @@ def _spec(valid: ValidRequest, *, stream: bool) -> JobSpec:
     seeds = (valid.sampling.seed,) if valid.seed_given else tuple(random_seed() for _ in range(valid.best_of))
     return JobSpec(input_ids=valid.input_ids, sampling=valid.sampling, stopping=valid.stopping, seeds=seeds,
                    want_tokens=stream or valid.details or valid.best_of > 1,
-                   want_prefill=not stream and valid.details)
+                   want_prefill=not stream and valid.details, grammar=valid.grammar)
 
 
 def _generate(raw: RawRequest, start: float, *, full_text_default: bool, as_list: bool,

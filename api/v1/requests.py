@@ -16,8 +16,10 @@ from typing import Any
 import orjson
 
 from common.errors import ValidationError
+from common.grammars import Constraint, ConstraintError
 from common.schemas import SamplingParams
 
+from ..core.constraints import from_tagged, grammar_of
 from ..core.models import ServedModel
 from ..core.request import RawParameters, RawRequest
 from ..core.service import JobSpec
@@ -52,6 +54,7 @@ class V1Request:
     include_usage: bool
     add_special_tokens: bool  # False for chat: the template writes its own special tokens
     messages: list[dict[str, Any]] | None = None  # chat only
+    grammar: str | None = None  # response_format / structured_outputs as an llguidance grammar (api.core.constraints)
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,61 @@ def _model(body: dict[str, Any]) -> str | None:
     return model
 
 
+SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+# vLLM's `structured_outputs` keys, and the constraint kind each names
+STRUCTURED = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "lark"}
+
+
+def _grammar(body: dict[str, Any]) -> str | None:
+    """`response_format` (OpenAI's shapes, or TGI 3's and huggingface_hub's tagged one) or vLLM's
+    `structured_outputs`, at most one of the two, checked and turned into the jobs' grammar."""
+    rf, so = body.get("response_format"), body.get("structured_outputs")
+    if rf is not None and so is not None:
+        raise InvalidRequest("`response_format` and `structured_outputs` cannot both be given", "response_format")
+    try:
+        if rf is not None:
+            return grammar_of(_response_format(rf))
+        if so is not None:
+            return grammar_of(_structured_outputs(so))
+    except ConstraintError as exc:
+        raise InvalidRequest(str(exc), "response_format" if rf is not None else "structured_outputs") from None
+    return None
+
+
+def _response_format(rf: Any) -> Constraint | None:
+    if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
+        raise InvalidRequest("`response_format` must be an object with a string `type`", "response_format")
+    kind = rf["type"]
+    if "value" in rf:  # TGI 3's and huggingface_hub's shape: {"type": "json" | "json_schema" | "regex", "value"}
+        return from_tagged(kind, rf["value"])
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint("json", {"type": "object"})
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict):
+            raise InvalidRequest("`response_format.json_schema` must be an object", "response_format")
+        name = spec.get("name")
+        if not isinstance(name, str) or not SCHEMA_NAME.fullmatch(name):
+            raise InvalidRequest("`response_format.json_schema.name` must be 1 to 64 of a-z, A-Z, 0-9, _ and -",
+                                 "response_format")
+        return Constraint("json", spec.get("schema", {"type": "object"}))
+    raise InvalidRequest(f"`response_format.type` must be one of text, json_object, json_schema "
+                         f"(or a TGI grammar type with a `value`). Given: {kind}", "response_format")
+
+
+def _structured_outputs(so: Any) -> Constraint:
+    given = [key for key in STRUCTURED if isinstance(so, dict) and so.get(key) is not None]
+    if len(given) != 1:
+        raise InvalidRequest("`structured_outputs` must be an object with exactly one of "
+                             + ", ".join(STRUCTURED), "structured_outputs")
+    key = given[0]
+    if key == "json":
+        return from_tagged("json", so[key])
+    return Constraint(STRUCTURED[key], so[key])
+
+
 # --- the two request kinds -------------------------------------------------------------------
 
 def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -182,7 +240,7 @@ def chat_request(body: dict[str, Any], max_n: int) -> V1Request:
     stream = _flag(body, "stream")
     return V1Request(model=_model(body), prompts=[], sampling=_sampling(body, max_n, (top or 0) if logprobs else None),
                      stream=stream, include_usage=_include_usage(body, stream), add_special_tokens=False,
-                     messages=messages)
+                     messages=messages, grammar=_grammar(body))
 
 
 def completion_request(body: dict[str, Any], max_n: int) -> V1Request:
@@ -198,7 +256,8 @@ def completion_request(body: dict[str, Any], max_n: int) -> V1Request:
     stream = _flag(body, "stream")
     logprobs = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)  # the legacy route's field: alternatives
     return V1Request(model=_model(body), prompts=prompts, sampling=_sampling(body, max_n, logprobs),
-                     stream=stream, include_usage=_include_usage(body, stream), add_special_tokens=True)
+                     stream=stream, include_usage=_include_usage(body, stream), add_special_tokens=True,
+                     grammar=_grammar(body))
 
 
 # --- mapping onto /generate's rules ------------------------------------------------------------
@@ -235,7 +294,8 @@ def plan(model: ServedModel, request: V1Request) -> Planned:
             valid.sampling, frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
             top_n_tokens=s.top_logprobs or 0)
         specs.append(JobSpec(input_ids=valid.input_ids, sampling=sampling, stopping=valid.stopping,
-                             seeds=_seeds(s.n, s.seed), want_tokens=request.stream or s.top_logprobs is not None))
+                             seeds=_seeds(s.n, s.seed), want_tokens=request.stream or s.top_logprobs is not None,
+                             grammar=request.grammar))
     return Planned(specs=specs)
 
 
