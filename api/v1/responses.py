@@ -49,7 +49,8 @@ def _entry(token: Token) -> dict[str, Any]:
 
 def chat_logprobs(tokens: Sequence[Token]) -> dict[str, Any]:
     """`choices[i].logprobs` of a chat answer: one entry per content token with its alternatives."""
-    return {"content": [{**_entry(t), "top_logprobs": [_entry(a) for a in t.top]} for t in tokens if not t.special]}
+    return {"content": [{**_entry(t), "top_logprobs": [_entry(a) for a in t.top]} for t in tokens if not t.special],
+            "refusal": None}
 
 
 def completion_logprobs(tokens: Sequence[Token], offset: int = 0) -> dict[str, Any]:
@@ -95,7 +96,7 @@ class Envelope:
 
     def _choice(self, index: int, final: FinalEvent, logprobs: bool) -> dict[str, Any]:
         if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": final.generated_text},
+            return {"index": index, "message": {"role": "assistant", "content": final.generated_text, "refusal": None},
                     "logprobs": chat_logprobs(final.tokens) if logprobs else None,
                     "finish_reason": finish_reason(final)}
         return {"index": index, "text": final.generated_text,

@@ -81,7 +81,7 @@ def test_chat_renders_the_template_and_maps_parameters(chat: Harness) -> None:
     assert resp.status_code == 200, resp.data
     body = resp.get_json()
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-") and body["model"] == "chat"
-    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": " hello world"},
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": " hello world", "refusal": None},
                                 "logprobs": None, "finish_reason": "stop"}]
     # "<s>user hello world</s><s>assistant": 7 tokens with no BOS added (the template writes its own)
     assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
