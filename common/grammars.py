@@ -48,7 +48,7 @@ class Constraint:
 
     def grammar(self) -> str:
         """The llguidance grammar text for this constraint; ConstraintError when it is not a valid one."""
-        return _grammar(self.kind, json.dumps(self.value, sort_keys=True))
+        return _grammar(self.kind, json.dumps(self.value))  # key order kept: it is the output order
 
 
 @lru_cache(maxsize=256)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
@@ -86,12 +86,16 @@ class _Generation(Extension):
         return nodes.Scope(body, lineno=lineno)
 
 
-def _compile(source: str) -> jinja2.Template:
+def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
                        namespace=_Namespace)
-    return env.from_string(source)
+    return env
+
+
+def _compile(source: str) -> jinja2.Template:
+    return _environment().from_string(source)
 
 
 def _token(value: Any) -> str | None:
@@ -154,14 +158,23 @@ class ChatTemplate:
         return cls(source, _token(config.get("bos_token")), _token(config.get("eos_token")))
 
     @cached_property
+    def handles_tools(self) -> bool:
+        """Whether the template reads `tools` (renders a tool list itself), as tool-calling models' do."""
+        try:
+            return "tools" in meta.find_undeclared_variables(_environment().parse(self.source))
+        except jinja2.TemplateError:
+            return False
+
+    @cached_property
     def _template(self) -> jinja2.Template:
         try:
             return _compile(self.source)
         except jinja2.TemplateError as e:
             raise TemplateError(str(e)) from e
 
-    def render(self, messages: list[dict]) -> str:
-        """The prompt for `messages`: a new assistant turn, or the continuation of a final assistant one."""
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The prompt for `messages`: a new assistant turn, or the continuation of a final assistant one.
+        `tools` (OpenAI's tool list) is passed to the template as transformers passes it."""
         if not messages:
             raise TemplateError("the chat has no messages")
         # transformers drops None-valued keys: templates test for presence, not for None
@@ -175,7 +188,7 @@ class ChatTemplate:
             final["content"] = content + CONTINUE_MARKER
         tokens = {"bos_token": self.bos_token, "eos_token": self.eos_token}
         try:
-            rendered = self._template.render(messages=chat, tools=None, documents=None,
+            rendered = self._template.render(messages=chat, tools=tools, documents=None,
                                              add_generation_prompt=not continuing,
                                              **{k: v for k, v in tokens.items() if v is not None})
         except RENDER_ERRORS as e:

@@ -56,7 +56,7 @@ def chat_tokenize() -> Response:
     st = state()
     req = chat_request(load_body(request.get_data(cache=False)), st.api.max_n)
     model: ServedModel = st.models.route(req.model)
-    text = render_chat(model, req.messages or [])
+    text = render_chat(model, req.messages or [], req.tools)
     body = {"tokenize_response": _tokens(model.tokenizer, text, add_special_tokens=False), "templated_text": text}
     return Response(orjson.dumps(body), content_type=JSON)
 

@@ -24,7 +24,9 @@ from ..core.models import ServedModel
 from ..core.request import RawParameters, RawRequest
 from ..core.service import JobSpec
 from ..core.validation import random_seed
+from .answers import AnswerRules
 from .errors import InvalidRequest
+from .tools import Tools, read_tools
 
 U64 = 2**64
 MAX_TOP_LOGPROBS = 20
@@ -55,6 +57,14 @@ class V1Request:
     add_special_tokens: bool  # False for chat: the template writes its own special tokens
     messages: list[dict[str, Any]] | None = None  # chat only
     grammar: str | None = None  # response_format / structured_outputs as an llguidance grammar (api.core.constraints)
+    tools: Tools | None = None  # chat only (api.v1.tools)
+
+
+    @property
+    def rules(self) -> AnswerRules:
+        """How each choice's answer is shaped from the worker's text (stop cut, tool calls)."""
+        return AnswerRules(stops=self.sampling.stop, tools=self.tools if self.tools is not None and self.tools.active
+                           else None)
 
 
 @dataclass(frozen=True)
@@ -238,9 +248,19 @@ def chat_request(body: dict[str, Any], max_n: int) -> V1Request:
     if top is not None and not logprobs:
         raise InvalidRequest("`top_logprobs` needs `logprobs` set to true", "top_logprobs")
     stream = _flag(body, "stream")
+    tools = read_tools(body)
+    grammar = _grammar(body)
+    if tools is not None and tools.active:
+        if grammar is not None:
+            raise InvalidRequest("`tools` and `response_format` cannot both be honoured: a tool call has its own "
+                                 "format (set `tool_choice` to none to use `response_format`)", "response_format")
+        try:
+            grammar = grammar_of(tools.constraint())
+        except ConstraintError as exc:
+            raise InvalidRequest(f"a tool's parameters cannot be followed: {exc}", "tools") from None
     return V1Request(model=_model(body), prompts=[], sampling=_sampling(body, max_n, (top or 0) if logprobs else None),
                      stream=stream, include_usage=_include_usage(body, stream), add_special_tokens=False,
-                     messages=messages, grammar=_grammar(body))
+                     messages=messages, grammar=grammar, tools=tools)
 
 
 def completion_request(body: dict[str, Any], max_n: int) -> V1Request:

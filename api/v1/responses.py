@@ -3,7 +3,8 @@
 Chat content and completion text leave special tokens out (the non-stream text is the worker's
 decode with `skip_special_tokens`, and the stream's pieces are the same tokens' texts), so the
 joined stream deltas equal the non-stream content. `finish_reason` is OpenAI's: `stop` for EOS or
-a stop string, `length` for `max_tokens`.
+a stop string (which is cut from the text), `length` for `max_tokens`, `tool_calls` for an answer that
+is a tool call (`api.v1.answers`).
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from typing import Any, Sequence
 
 import orjson
 
-from common.schemas import FinalEvent, FinishReason, Token
+from common.schemas import FinalEvent, Token
 
 from ..core.numbers import f32_logprob
+from .answers import AnswerRules
 
 FINGERPRINT = "tgq-0.1.0"
 NO_LOGPROB = -9999.0  # OpenAI's value for a logprob that is not a finite number
@@ -27,15 +29,6 @@ DONE = b"data: [DONE]\n\n"
 def sse(obj: Any) -> bytes:
     """OpenAI's framing: `data: ` (with the space TGI 3 writes on these routes) + compact JSON."""
     return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-
-def finish_reason(final: FinalEvent) -> str:
-    return "length" if final.finish_reason is FinishReason.LENGTH else "stop"
-
-
-def piece(token: Token) -> str:
-    """What a token adds to the content: its text, or nothing for a special token (EOS, ...)."""
-    return "" if token.special else token.text
 
 
 def _logprob(x: float) -> float:
@@ -89,27 +82,36 @@ class Envelope:
 
     # non-stream ---------------------------------------------------------------------------
 
-    def body(self, finals: Sequence[FinalEvent], prompt_tokens: int, logprobs: bool) -> dict[str, Any]:
-        choices = [self._choice(i, f, logprobs) for i, f in enumerate(finals)]
+    def body(self, finals: Sequence[FinalEvent], prompt_tokens: int, logprobs: bool,
+             rules: AnswerRules) -> dict[str, Any]:
+        choices = [self._choice(i, f, logprobs, rules) for i, f in enumerate(finals)]
         return {**self._body_head, "choices": choices,
                 "usage": usage(prompt_tokens, sum(f.generated_tokens for f in finals))}
 
-    def _choice(self, index: int, final: FinalEvent, logprobs: bool) -> dict[str, Any]:
+    def _choice(self, index: int, final: FinalEvent, logprobs: bool, rules: AnswerRules) -> dict[str, Any]:
+        answer = rules.answer(final)
         if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": final.generated_text, "refusal": None},
+            message: dict[str, Any] = {"role": "assistant", "content": answer.content, "refusal": None}
+            if answer.tool_calls is not None:
+                message["tool_calls"] = answer.tool_calls
+            return {"index": index, "message": message,
                     "logprobs": chat_logprobs(final.tokens) if logprobs else None,
-                    "finish_reason": finish_reason(final)}
-        return {"index": index, "text": final.generated_text,
+                    "finish_reason": answer.finish_reason}
+        return {"index": index, "text": answer.content,
                 "logprobs": completion_logprobs(final.tokens) if logprobs else None,
-                "finish_reason": finish_reason(final)}
+                "finish_reason": answer.finish_reason}
 
     # stream -------------------------------------------------------------------------------
 
     def chunk(self, index: int, token: Token | None, *, text: str = "", role: bool = False, logprobs: bool = False,
-              offset: int = 0, reason: str | None = None, with_usage: bool = False) -> bytes:
-        """One choice's chunk: `text` with its token's logprobs (no token: the role chunk of a chat)."""
+              offset: int = 0, reason: str | None = None, with_usage: bool = False,
+              tool_calls: list[dict[str, Any]] | None = None) -> bytes:
+        """One choice's chunk: `text` with its token's logprobs (no token: the role chunk of a chat), or
+        a piece of its tool calls."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": text} if role else {"content": text}
+            if tool_calls is not None:
+                delta = {"tool_calls": tool_calls}
             lp = chat_logprobs([token]) if logprobs and token is not None else None
             choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
         else:
@@ -123,3 +125,15 @@ class Envelope:
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         return sse({**self._chunk_head, "choices": [],
                     "usage": usage(prompt_tokens, completion_tokens)})
+
+    def tool_call_chunks(self, index: int, calls: list[dict[str, Any]], *, with_usage: bool) -> list[bytes]:
+        """A choice's calls as the `openai` SDK assembles them: per call its index, id, type and name
+        first, then its arguments."""
+        out = []
+        for k, call in enumerate(calls):
+            head = {"index": k, "id": call["id"], "type": "function",
+                    "function": {"name": call["function"]["name"], "arguments": ""}}
+            out.append(self.chunk(index, None, tool_calls=[head], with_usage=with_usage))
+            args = {"index": k, "function": {"arguments": call["function"]["arguments"]}}
+            out.append(self.chunk(index, None, tool_calls=[args], with_usage=with_usage))
+        return out

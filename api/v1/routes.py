@@ -20,9 +20,11 @@ from ..core.models import ServedModel
 from ..core.service import Submission
 from ..core.state import TgqState
 from ..core.streams import StreamHooks, guarded, keepalives
+from .answers import AnswerRules
 from .errors import JSON, InvalidRequest, openai_error
 from .requests import Planned, V1Request, chat_request, choices, completion_request, load_body, plan
-from .responses import DONE, Envelope, finish_reason, piece, sse
+from .responses import DONE, Envelope, sse
+from .tools import Tools
 
 bp = Blueprint("v1", __name__)
 
@@ -36,7 +38,8 @@ def chat_completions() -> Response:
     st = state()
     req = chat_request(load_body(request.get_data(cache=False)), st.api.max_n)
     model = st.models.route(req.model)
-    return _serve(st, model, dataclasses.replace(req, prompts=[render_chat(model, req.messages or [])]), chat=True)
+    return _serve(st, model, dataclasses.replace(req, prompts=[render_chat(model, req.messages or [], req.tools)]),
+                  chat=True)
 
 
 @bp.post("/v1/completions")
@@ -54,12 +57,16 @@ def models() -> Response:
     return Response(orjson.dumps({"object": "list", "data": data}), content_type=JSON)
 
 
-def render_chat(model: ServedModel, messages: list[dict]) -> str:
-    """The model's chat template applied to the messages; 400 without a template or when it raises."""
+def render_chat(model: ServedModel, messages: list[dict], tools: Tools | None = None) -> str:
+    """The model's chat template applied to the messages (and the tools the model is shown); 400
+    without a template or when it raises."""
     if model.template is None:
         raise InvalidRequest(f"Template error: the model `{model.id}` has no chat template", "messages")
+    shown = None
+    if tools is not None:
+        messages, shown = tools.prompt(messages, model.template.handles_tools)
     try:
-        return model.template.render(messages)
+        return model.template.render(messages, shown)
     except TemplateError as exc:
         raise InvalidRequest(f"Template error: {exc}", "messages") from None
 
@@ -83,34 +90,25 @@ def _serve(st: TgqState, model: ServedModel, req: V1Request, *, chat: bool) -> R
         hooks = stream_hooks(st, model, sub, start)
         events = st.service.events(sub, hooks.client_gone, tick_s=st.keepalive_s)
         body = _stream(events, sub, envelope, planned, hooks, keepalive_s=st.keepalive_s, logprobs=logprobs,
-                       include_usage=req.include_usage)
+                       include_usage=req.include_usage, rules=req.rules)
         return Response(body, status=200, content_type=SSE_TYPE,
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     finals = wait_finals(st, model, sub)
     if finals is None:
         return Response(b"", status=499)  # the client went away: nobody reads it
     count_successes(st, sub, finals, start)
-    return Response(orjson.dumps(envelope.body(finals, planned.prompt_tokens, logprobs)), content_type=JSON)
-
-
-def last_piece(final: FinalEvent, sent: list[str]) -> str:
-    """The final chunk's text: the rest of the whole answer after what was sent. It differs from the
-    last token's own text when generation stopped inside a multi-byte character, whose bytes the
-    worker's incremental decoder held back (the whole answer ends in U+FFFD there, as a full decode)."""
-    text = "".join(sent)
-    if final.generated_text.startswith(text):
-        return final.generated_text[len(text):]
-    return piece(final.token)
+    return Response(orjson.dumps(envelope.body(finals, planned.prompt_tokens, logprobs, req.rules)), content_type=JSON)
 
 
 def _stream(events: Iterable[TokenEvent | FinalEvent | None], sub: Submission, envelope: Envelope,
             planned: Planned, hooks: StreamHooks, *, keepalive_s: float, logprobs: bool,
-            include_usage: bool) -> Iterator[bytes]:
+            include_usage: bool, rules: AnswerRules) -> Iterator[bytes]:
     """OpenAI's chunks: per choice the role first (chat), one chunk per token, `finish_reason` on the
-    last token's chunk; then the usage chunk when asked for, then `data: [DONE]`."""
+    last token's chunk (a tool call: its chunks, then one with `finish_reason`); then the usage chunk
+    when asked for, then `data: [DONE]`."""
     def body() -> Iterator[bytes]:
         started: set[int] = set()
-        sent: list[list[str]] = [[] for _ in sub.jobs]  # each choice's pieces sent so far
+        answers = [rules.stream() for _ in sub.jobs]  # each choice's text shown so far, and held back
         offsets = [0] * len(sub.jobs)  # and their length (completions' text_offset)
         finals: list[FinalEvent] = []
         for item in keepalives(events, keepalive_s, KEEPALIVE):
@@ -126,10 +124,20 @@ def _stream(events: Iterable[TokenEvent | FinalEvent | None], sub: Submission, e
                 finals.append(item)
                 if len(finals) == len(sub.jobs):
                     hooks.succeeded(finals)  # before the last chunk: a client gone after it is no drop
-            text = last_piece(item, sent[i]) if last else piece(item.token)
-            yield envelope.chunk(i, item.token, text=text, logprobs=logprobs, offset=offsets[i],
-                                 reason=finish_reason(item) if last else None, with_usage=include_usage)
-            sent[i].append(text)
+            if not last:
+                text = answers[i].token(item.token)
+                if text is not None:  # None: a tool call, shown once it is complete
+                    yield envelope.chunk(i, item.token, text=text, logprobs=logprobs, offset=offsets[i],
+                                         with_usage=include_usage)
+                    offsets[i] += len(text)
+                continue
+            text, answer = answers[i].final(item)
+            if answer.tool_calls is not None:
+                yield from envelope.tool_call_chunks(i, answer.tool_calls, with_usage=include_usage)
+                yield envelope.chunk(i, None, text="", reason=answer.finish_reason, with_usage=include_usage)
+            else:
+                yield envelope.chunk(i, item.token, text=text, logprobs=logprobs, offset=offsets[i],
+                                     reason=answer.finish_reason, with_usage=include_usage)
             offsets[i] += len(text)
         if include_usage:
             yield envelope.usage_chunk(planned.prompt_tokens, sum(f.generated_tokens for f in finals))
