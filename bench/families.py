@@ -23,7 +23,7 @@ from typing import Any
 from . import stats
 from .cost_probe import cpu_model
 from .overhead import ClosedLoop
-from .stacks import require_device, save_results
+from .stacks import engine_bench_main, engine_bench_parser
 
 SIZE: dict[str, Any] = dict(vocab_size=49152, hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
                             num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
@@ -132,27 +132,15 @@ def format_report(res: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.families", description=__doc__.split("\n")[0])
+    p = engine_bench_parser("bench.families", __doc__, pairs=3)
     p.add_argument("--families", default="", help="comma-separated model types (default: all)")
-    p.add_argument("--rows", type=int, default=32, help="requests decoded together (B)")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--pairs", type=int, default=3)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", default="")
-    p.add_argument("--json", type=Path, default=None, help="write the results here (default: bench/results/)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    require_device(args.device)
-    res = run(args)
-    save_results(res, args.json, "families", format_report)
-    return 0
+    return engine_bench_main(parse_args(argv), "families", run, format_report)
 
 
 if __name__ == "__main__":

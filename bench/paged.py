@@ -29,7 +29,7 @@ from typing import Any
 from . import stats
 from .cost_probe import cpu_model
 from .overhead import ClosedLoop
-from .stacks import require_device, save_results
+from .stacks import engine_bench_main, engine_bench_parser
 
 
 def _say(msg: str) -> None:
@@ -177,36 +177,24 @@ def format_report(res: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.paged", description=__doc__.split("\n")[0])
+    p = engine_bench_parser("bench.paged", __doc__, pairs=5)
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", type=int, default=32)
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--min-prompt", type=int, default=32)
     p.add_argument("--max-prompt", type=int, default=160)
     p.add_argument("--min-tokens", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--system-tokens", type=int, default=400)
-    p.add_argument("--pairs", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--no-cpu-kernels", action="store_true", help="torch's ops only (as on a CPU without AVX-512)")
     p.add_argument("--paged-attention", default="auto", choices=("auto", "portable", "torch"),
                    help="the paged decode attention: as loaded, the portable compiled kernel, or torch's ops with a "
                         "gather (for all but auto, the AVX-512 decode attention is off for both caches)")
-    p.add_argument("--cache-dir", default="")
-    p.add_argument("--json", type=Path, default=None, help="write the results here (default: bench/results/)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    require_device(args.device)
-    res = run(args)
-    save_results(res, args.json, "paged", format_report)
-    return 0
+    return engine_bench_main(parse_args(argv), "paged", run, format_report)
 
 
 if __name__ == "__main__":

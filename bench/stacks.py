@@ -335,3 +335,24 @@ def save_results(res: dict[str, Any], path: Path | None, name: str, report: Call
     print(report(res))
     print(f"results: {path}")
     return path
+
+
+def engine_bench_parser(prog: str, doc: str | None, *, pairs: int) -> argparse.ArgumentParser:
+    """The options every in-process engine benchmark shares (bench.families, bench.paged, bench.structured)."""
+    p = argparse.ArgumentParser(prog=f"python -m {prog}", description=(doc or "").split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", type=int, default=32, help="requests decoded together (B)")
+    p.add_argument("--pairs", type=int, default=pairs)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default="")
+    p.add_argument("--json", type=Path, default=None, help="write the results here (default: bench/results/)")
+    return p
+
+
+def engine_bench_main(args: argparse.Namespace, name: str, run: Callable[[argparse.Namespace], dict[str, Any]],
+                      report: Callable[[dict[str, Any]], str]) -> int:
+    require_device(args.device)
+    save_results(run(args), args.json, name, report)
+    return 0

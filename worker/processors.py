@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 import torch
 
-from .warpers import NEG_INF, openai_penalties, repetition_penalty
+from .warpers import openai_penalties, repetition_penalty
 from .watermark import Watermark
 
 if TYPE_CHECKING:
@@ -70,15 +70,17 @@ class FrequencyPresencePenalty:
 
 
 @dataclass
-class AllowedTokens:
-    """An output constraint's mask: ids outside each constrained row's allowed set get -inf."""
+class ConstraintMask:
+    """An output constraint's mask: each constrained row's disallowed ids get -inf (`bias` [n, V] is 0 or
+    -inf, added). It only removes ids, so a greedy row's argmax and logprob over the masked logits are
+    still those of the distribution it chooses from: the fused greedy kernel may run after it."""
     rows: list[int]
-    allowed: torch.Tensor  # [len(rows), V] bool
+    bias: torch.Tensor
+    keeps_greedy_kernel = True
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         index = torch.tensor(self.rows, dtype=torch.long, device=scores.device)
-        scores[index] = scores[index].masked_fill(~self.allowed.to(scores.device), NEG_INF)
-        return scores
+        return scores.index_add_(0, index, self.bias.to(scores.dtype))
 
 
 def for_batch(sb: SamplingBatch, seen: torch.Tensor | None, counts: torch.Tensor | None,

@@ -128,3 +128,25 @@ def test_the_engine_reports_mask_time_and_compiles_each_grammar_once(tiny_loaded
 def test_constraints_that_cannot_be_followed_are_refused_with_a_reason(kind, value, message):
     with pytest.raises(ConstraintError, match=re.escape(message)):
         Constraint(kind, value).grammar()
+
+
+def test_constrained_greedy_bf16_rows_take_the_kernel_with_the_reference_paths_tokens(tiny_model_dir, tmp_path):
+    """A bf16 model on an AVX-512 CPU: constrained greedy rows are masked on the model's logits and chosen
+    by the fused greedy kernel; the tokens and logprobs are those of the fp32 processors path."""
+    from common.model_files import resolve
+    from worker.model import load_model
+
+    loaded = load_model(resolve(str(tiny_model_dir)), str(tmp_path), "cpu", "bf16", 1)
+    if loaded.fast is None or not loaded.fast.kernel_greedy:
+        pytest.skip("no greedy kernel on this CPU")
+    jobs = lambda: [constrained(f"k{i}", PROMPTS[i], Constraint("json", SCHEMA), n=48) for i in range(3)]
+    with_kernel = texts(loaded, jobs())
+    loaded.fast.kernel_greedy = False
+    try:
+        reference = texts(loaded, jobs())
+    finally:
+        loaded.fast.kernel_greedy = True
+    for rid, final in reference.items():
+        got = with_kernel[rid]
+        assert [t.id for t in got.tokens] == [t.id for t in final.tokens]
+        assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(got.tokens, final.tokens))

@@ -227,6 +227,21 @@ def test_greedy_choice_is_torch_argmax_and_log_softmax(kernel):
     assert torch.allclose(logprobs, want, rtol=1e-6, atol=1e-6)
 
 
+def test_greedy_choice_of_masked_rows(kernel):
+    """An output constraint leaves a few finite logits among -inf (and large negative ones): the same
+    argmax and logprob as torch's (the exp below -86 stays a normal float, see cpu_kernels.cpp)."""
+    g = torch.Generator().manual_seed(7)
+    logits = (4 * torch.randn(3, 49152, generator=g)).to(BF16)
+    logits[0, :] = float("-inf")
+    logits[0, [11, 4000, 49151]] = torch.tensor([1.5, -2.0, 0.25]).to(BF16)
+    logits[1, ::2] = float("-inf")
+    logits[2, 100:] = -200.0  # far below the maximum: each term under e^-86
+    ids, logprobs = kernel.greedy(logits)
+    assert torch.equal(ids, torch.argmax(logits.float(), dim=-1))
+    want = torch.log_softmax(logits.float(), dim=-1).gather(1, ids[:, None]).squeeze(1)
+    assert torch.allclose(logprobs, want, rtol=1e-6, atol=1e-6)
+
+
 def test_greedy_choice_of_degenerate_rows(kernel):
     logits = torch.zeros(3, 64, dtype=BF16)
     logits[0, 7], logits[0, 9] = float("nan"), 5.0  # torch.argmax: the NaN
