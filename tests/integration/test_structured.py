@@ -226,3 +226,16 @@ def test_a_constrained_job_rerun_after_its_worker_dies_follows_its_grammar_from_
     rerun = [Job.fetch(rid, connection=client, serializer=queue.serializer).meta.get("attempt", 0)
              for rid in FinishedJobRegistry(queue=queue).get_job_ids()]
     assert len(rerun) == 8 and max(rerun) >= 1, rerun  # some of them really were re-run
+
+
+def test_the_per_step_mask_time_reaches_the_apis_metrics(stack):
+    assert generate(stack.url, {"type": "regex", "value": "[0-9]{6}"}).status_code == 200
+    deadline = time.monotonic() + 10  # the worker adds its figures to Redis about once a second
+    while True:
+        text = requests.get(stack.url + "/metrics", timeout=10).text
+        count = re.search(r"^tgq_grammar_mask_duration_count (\S+)$", text, re.MULTILINE)
+        if (count and float(count.group(1)) >= 6) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert count and float(count.group(1)) >= 6, text  # one per step of the six-digit answer at least
+    assert "# TYPE tgq_grammar_mask_duration histogram" in text
