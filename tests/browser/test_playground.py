@@ -220,6 +220,56 @@ def test_a_message_streams_a_reply_with_its_rate_and_the_next_turn_sends_the_con
     assert page.console_problems() == []
 
 
+def test_a_json_schema_reply_and_a_tool_call_are_shown(stack, browser, tmp_path):
+    """The Output picker sends response_format (the reply is JSON under the schema); the Tools box sends
+    tools and tool_choice, and the reply shows the assembled call, which the next turn sends back."""
+    from selenium.webdriver.support.ui import Select
+
+    page = Playground(browser, stack.url).open()
+    page.select_model(MODEL_ID)
+    page.fill("max-tokens", "60")
+    page.fill("temperature", "0")
+    Select(page.el("output")).select_by_value("json_schema")
+    assert page.el("schema").is_displayed()
+    schema = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 6}}, "required": ["word"],
+              "additionalProperties": False}
+    page.fill("schema", json.dumps(schema))
+    page.record_requests()
+    page.send("Give me a word")
+    reply = page.wait_reply(1)
+    assert reply["state"] == "done", (reply, page.text("error"))
+    assert set(json.loads(reply["text"])) == {"word"}
+    assert page.sent()[-1]["body"]["response_format"] == {"type": "json_schema",
+                                                          "json_schema": {"name": "playground", "schema": schema}}
+
+    Select(page.el("output")).select_by_value("text")
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"term": {"type": "string", "maxLength": 8}}, "required": ["term"],
+        "additionalProperties": False}}}]
+    page.fill("tools", json.dumps(tools))
+    Select(page.el("tool-choice")).select_by_value("required")
+    page.el("parallel").click()  # one call: the random model could list calls past max tokens
+    page.send("Look something up")
+    reply = page.wait_reply(2)
+    assert reply["state"] == "done" and "finish: tool_calls" in reply["meta"], (reply, page.text("error"))
+    calls = browser.execute_script(
+        'return Array.from(document.querySelectorAll("#messages .msg.assistant .tool-call")).map((c) => c.textContent);')
+    assert len(calls) == 1 and calls[0].startswith("\u2192 lookup({")
+    assert json.loads(calls[0][len("\u2192 lookup("):-1])["term"] is not None
+    sent = page.sent()[-1]["body"]
+    assert sent["tools"] == tools and sent["tool_choice"] == "required" and "response_format" not in sent
+    assert sent["parallel_tool_calls"] is False
+    save_screenshot(browser, tmp_path, "playground-tools.png")
+
+    Select(page.el("tool-choice")).select_by_value("none")
+    page.send("Thanks")
+    assert page.wait_reply(3)["state"] == "done", page.text("error")
+    history = page.sent()[-1]["body"]["messages"]
+    assert history[3]["role"] == "assistant" and history[3]["content"] is None
+    assert history[3]["tool_calls"][0]["function"]["name"] == "lookup"
+    assert page.console_problems() == []
+
+
 def test_stop_aborts_the_stream_and_the_server_drops_the_job(stack, browser, tmp_path):
     client = stack.redis
     registry = rq_queue(client).canceled_job_registry
