@@ -46,6 +46,12 @@ class GenerationError(ServiceError):
         super().__init__(f"Request failed during generation: {detail}")
 
 
+class ConstraintFailed(GenerationError):
+    """The request's output constraint could not be followed in the worker (a grammar past the parser's
+    limits, or one no sequence of tokens can write). TGI's routes answer it as a failed generation (424,
+    TGI's envelope); /v1 answers the client's 400, since the constraint is the request's."""
+
+
 class IncompleteGeneration(ServiceError):
     status_code = 500
     error_type = "incomplete_generation"
@@ -81,5 +87,6 @@ class WorkerFatal(Exception):
 # error_type sent by a worker -> the ServiceError the API raises for it
 ERROR_TYPES: dict[str, type[ServiceError]] = {
     "generation": GenerationError,
+    "constraint": ConstraintFailed,  # read as "generation" by an API of the previous release
     "incomplete_generation": IncompleteGeneration,
 }

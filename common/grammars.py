@@ -67,7 +67,10 @@ def _grammar(kind: str, value_json: str) -> str:
     elif kind == "lark":
         grammar = LLMatcher.grammar_from_lark(_text(value, "grammar"))
     elif kind == "choice":
-        grammar = LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in _choices(value)))
+        # the strings themselves, not \u escapes: Lark reads each escape alone, so a surrogate pair
+        # written as two escapes would not be the character
+        grammar = LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False)
+                                                                    for c in _choices(value)))
     else:
         raise ConstraintError(f"unknown constraint type `{kind}`; expected one of {', '.join(KINDS)}")
     error = LLMatcher.validate_grammar(grammar, None, limits=parser_limits())

@@ -50,10 +50,11 @@ class EventSink(Protocol):
 Leaving = list[tuple[GenerationJob, "FinalEvent | ErrorEvent | None"]]
 
 
-def server_error(job: GenerationJob, message: str) -> ErrorEvent:
-    """TGI's shard failure shape; the API prefixes 'Request failed during generation: '."""
+def server_error(job: GenerationJob, message: str, error_type: str = "generation") -> ErrorEvent:
+    """TGI's shard failure shape; the API prefixes 'Request failed during generation: '. `error_type`
+    "constraint": the job's own output constraint failed (common.errors.ConstraintFailed)."""
     return ErrorEvent(request_id=job.request_id, attempt=job.attempt, message=f"Server error: {message}",
-                      error_type="generation")
+                      error_type=error_type)
 
 
 class Engine:
@@ -165,9 +166,11 @@ class Engine:
         if room <= 0:
             return
         for job in self.source.fetch(room):
-            problem = self._invalid(job)
+            problem, kind = self._invalid(job), "generation"
+            if problem is None and job.grammar is not None:
+                problem, kind = self._grammar_problem(job.grammar), "constraint"
             if problem:
-                error = server_error(job, problem)
+                error = server_error(job, problem, kind)
                 events.append(error)
                 leaving.append((job, error))
                 continue
@@ -187,11 +190,14 @@ class Engine:
             return f"input id {bad} is out of range for a vocabulary of {vocab}"
         if job.stopping.max_new_tokens < 1:
             return "`max_new_tokens` must be strictly positive"
-        if job.grammar is not None:
-            try:
-                self.grammars.matcher(job.grammar)  # compiled once here; each row copies it
-            except GrammarError as exc:
-                return str(exc)
+        return None
+
+    def _grammar_problem(self, grammar: str) -> str | None:
+        """Why the job's output constraint cannot be followed (None if it can)."""
+        try:
+            self.grammars.matcher(grammar)  # compiled once here; each row copies it
+        except GrammarError as exc:
+            return str(exc)
         return None
 
     # ---- prefill and decode ---------------------------------------------------------------------
@@ -307,7 +313,7 @@ class Engine:
             if row.cancelled:  # cancelled while its prefill ran: it leaves without another event
                 continue
             if i in choice.failed:
-                row.error = server_error(row.job, choice.failed[i])
+                row.error = server_error(row.job, choice.failed[i], "constraint")
                 row.cancelled = True  # leaves the batch; _collect_finished reports its error
                 events.append(row.error)
                 continue

@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 from flask import Blueprint, Response
 
-from common.errors import (GenerationError, IncompleteGeneration, Overloaded, ServiceError, Unauthorized,
-                           Unavailable, ValidationError)
+from common.errors import (ConstraintFailed, GenerationError, IncompleteGeneration, Overloaded, ServiceError,
+                           Unauthorized, Unavailable, ValidationError)
 
 from ..errors import register_envelope
 
@@ -35,6 +35,7 @@ _OPENAI: dict[type[ServiceError], tuple[int, str, str | None]] = {
     ValidationError: (400, "invalid_request_error", None),
     Unauthorized: (401, "authentication_error", "invalid_api_key"),
     Overloaded: (429, "rate_limit_error", "rate_limit_exceeded"),
+    ConstraintFailed: (400, "invalid_request_error", "invalid_constraint"),  # before its base class
     GenerationError: (500, "server_error", None),
     IncompleteGeneration: (500, "server_error", None),
     Unavailable: (503, "server_error", "service_unavailable"),

@@ -239,3 +239,14 @@ def test_the_per_step_mask_time_reaches_the_apis_metrics(stack):
         time.sleep(0.2)
     assert count and float(count.group(1)) >= 6, text  # one per step of the six-digit answer at least
     assert "# TYPE tgq_grammar_mask_duration histogram" in text
+
+
+def test_a_constraint_that_fails_in_the_worker_is_the_clients_error_and_the_worker_goes_on(stack):
+    """A choice SmolLM2's vocabulary cannot spell (U+40000): compiled by the worker, broken at its first
+    byte; TGI's routes answer 424 (a failed generation), /v1 400, and the next request is served."""
+    tgi = generate(stack.url, {"type": "choice", "value": ["\U00040000x"]})
+    assert tgi.status_code == 424 and "the output constraint failed" in tgi.json()["error"], tgi.text
+    v1 = requests.post(stack.url + "/v1/completions", timeout=60, json={
+        "prompt": "x", "max_tokens": 5, "structured_outputs": {"choice": ["\U00040000x"]}})
+    assert v1.status_code == 400 and v1.json()["error"]["code"] == "invalid_constraint", v1.text
+    assert generate(stack.url, {"type": "regex", "value": "ok"}).json()["generated_text"] == "ok"
