@@ -150,3 +150,33 @@ def test_constrained_greedy_bf16_rows_take_the_kernel_with_the_reference_paths_t
         got = with_kernel[rid]
         assert [t.id for t in got.tokens] == [t.id for t in final.tokens]
         assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(got.tokens, final.tokens))
+
+
+def test_a_constrained_prompt_served_from_the_prefix_cache_gives_the_same_tokens(tiny_model_dir, tmp_path):
+    """The paged KV cache with prefix caching: the second run of a constrained job reuses its prompt's
+    blocks and follows its grammar to the same tokens."""
+    from common.model_files import resolve
+    from worker.model import load_model
+
+    loaded = load_model(resolve(str(tiny_model_dir)), str(tmp_path), "cpu", "fp32", 1)
+    settings = WorkerSettings(max_batch_size=4, waiting_served_ratio=0.0, kv_cache="paged", kv_block_size=4)
+    prompt = list(range(300, 340))
+    job = lambda rid: constrained(rid, prompt, Constraint("json", SCHEMA), n=60)
+    eng, _, sink = run_engine(loaded, {0: [job("a")], 3: [job("b")]}, settings=settings, max_steps=400)
+    assert eng.blocks is not None and eng.blocks.hit_tokens >= 36
+    first, second = sink.result("a"), sink.result("b")
+    assert [t.id for t in first.tokens] == [t.id for t in second.tokens]
+    jsonschema.validate(json.loads(first.generated_text), SCHEMA)
+
+
+def test_penalties_and_alternatives_apply_under_a_constraint(tiny_loaded):
+    """Sampling with OpenAI's penalties and top alternatives: the output still validates, and the
+    alternatives are ranked from the masked distribution (ids the grammar forbade come last, at -inf)."""
+    jobs = [constrained(f"p{i}", PROMPTS[i % 4], Constraint("json", SCHEMA), n=256, do_sample=True, seed=i,
+                        frequency_penalty=0.5, presence_penalty=0.3, top_n_tokens=3) for i in range(4)]
+    for final in texts(tiny_loaded, jobs).values():
+        jsonschema.validate(json.loads(final.generated_text), SCHEMA)
+        for token in final.tokens:
+            assert math.isfinite(token.logprob) and token.logprob <= 0.0
+            ranked = [a.logprob for a in token.top]
+            assert len(ranked) == 3 and ranked == sorted(ranked, reverse=True) and math.isfinite(ranked[0])
