@@ -187,6 +187,27 @@ def test_tool_calls_and_tool_messages_pass_through(tmp_path: Path, source: str) 
     assert "Zürich" in rendered and "°C" in rendered  # tojson keeps non-ASCII, as transformers' does
 
 
+# A template that lists the tools it is given, as tool-calling models' templates do.
+TOOLS_TEMPLATE = """\
+{%- if tools %}{{- '<tools>' }}{% for tool in tools %}{{ tool | tojson }}{% endfor %}{{- '</tools>\\n' }}{% endif %}
+{%- for message in messages %}{{- message.role + ': ' + (message.content or '') + '\\n' }}{% endfor %}
+{%- if add_generation_prompt %}{{- 'assistant: ' }}{% endif %}
+"""
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Forecast for a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_tools_are_passed_to_the_template_as_transformers_passes_them(tmp_path: Path) -> None:
+    tokenizer, template = _load(_hf_dir(tmp_path, {"eos_token": "</s>", "chat_template": TOOLS_TEMPLATE}))
+    chat = [{"role": "user", "content": "Weather in Oslo?"}]
+    assert template.handles_tools
+    rendered = template.render(chat, TOOLS)
+    assert rendered == tokenizer.apply_chat_template(copy.deepcopy(chat), tools=TOOLS, tokenize=False,
+                                                     add_generation_prompt=True)
+    assert '"name": "get_weather"' in rendered
+    assert not ChatTemplate(CHATML, None, "<|im_end|>").handles_tools  # reads tool_calls, not the tool list
+
+
 def test_the_default_model_keeps_its_gguf_template_in_chat_template_jinja() -> None:
     import gguf
 
