@@ -3,15 +3,13 @@
 A job's constraint arrives as an llguidance grammar (the API turned the request's JSON schema, regex,
 Lark grammar or choice list into one, `common/grammars.py`). `Grammars` compiles each distinct grammar
 once into a matcher (a bounded LRU) and hands every row its own copy, so no grammar is compiled per
-row or per token. Each step, `masks` fills one bitmask for all constrained rows at once (llguidance's
-executor runs them in parallel threads without the GIL), and `consume` advances each row's matcher by
-the token it chose. A matcher that ends complete allows only EOS, so a constrained row ends there
+row or per token. Each step, `Masks.fill` fills one bitmask for all constrained rows at once
+(llguidance's executor runs them in parallel threads without the GIL), `Masks.bias` turns it into the
+logits' additive mask, and `consume` advances each row's matcher by the token it chose. A matcher that ends complete allows only EOS, so a constrained row ends there
 (`eos_token`) unless its length limit comes first.
 """
 from __future__ import annotations
 
-import threading
-import time
 from collections import OrderedDict
 from typing import Any, Sequence
 
@@ -41,8 +39,7 @@ class Grammars:
         self.capacity = capacity
         self._tokenizer: llguidance.LLTokenizer | None = None  # built at the first constrained job (~0.4 s)
         self._compiled: OrderedDict[str, LLMatcher] = OrderedDict()
-        self._lock = threading.Lock()
-        self.compile_seconds: list[float] = []  # one entry per compilation, for the metrics
+        self.compilations = 0  # grammars compiled so far (the LRU's misses)
 
     def _llt(self) -> llguidance.LLTokenizer:
         if self._tokenizer is None:
@@ -51,21 +48,20 @@ class Grammars:
         return self._tokenizer
 
     def matcher(self, grammar: str) -> LLMatcher:
-        """A fresh matcher for `grammar` at its start; GrammarError if it does not compile."""
-        with self._lock:
-            compiled = self._compiled.get(grammar)
-            if compiled is None:
-                t0 = time.perf_counter()
-                compiled = LLMatcher(self._llt(), grammar, log_level=0, limits=parser_limits())
-                self.compile_seconds.append(time.perf_counter() - t0)
-                if compiled.is_error():
-                    raise GrammarError(f"invalid grammar: {compiled.get_error()}")
-                self._compiled[grammar] = compiled
-                while len(self._compiled) > self.capacity:
-                    self._compiled.popitem(last=False)
-            else:
-                self._compiled.move_to_end(grammar)
-            return compiled.deep_copy()
+        """A fresh matcher for `grammar` at its start; GrammarError if it does not compile. The engine's
+        thread alone calls it."""
+        compiled = self._compiled.get(grammar)
+        if compiled is None:
+            compiled = LLMatcher(self._llt(), grammar, log_level=0, limits=parser_limits())
+            self.compilations += 1
+            if compiled.is_error():
+                raise GrammarError(f"invalid grammar: {compiled.get_error()}")
+            self._compiled[grammar] = compiled
+            while len(self._compiled) > self.capacity:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(grammar)
+        return compiled.deep_copy()
 
 
 class Masks:
@@ -78,8 +74,7 @@ class Masks:
 
     def fill(self, matchers: Sequence[LLMatcher]) -> torch.Tensor:
         """The matchers' next allowed ids as llguidance's bitmask [n, ceil(V / 32)] int32 (bit k of word w:
-        id 32w + k), computed in llguidance's threads without the GIL. Touches no torch op, so it can
-        run beside the forward without a second OpenMP team."""
+        id 32w + k), computed in llguidance's threads without the GIL."""
         n = len(matchers)
         bitmask = allocate_token_bitmask(n, self.vocab_size)
         fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
