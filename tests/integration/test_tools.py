@@ -134,3 +134,18 @@ def test_a_stop_sequence_is_cut_from_v1_answers_but_kept_on_tgis_routes(stack):
     text = "".join((json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
                    for line in streamed.iter_lines() if line.startswith(b"data: {"))
     assert text == choice["message"]["content"]
+
+
+def test_huggingface_hub_parses_a_streamed_call(stack):
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(stack.url)
+    name, arguments, reasons = "", "", []
+    for chunk in client.chat_completion(ASK, tools=TOOLS, tool_choice="required", max_tokens=80, stream=True,
+                                        extra_body={"parallel_tool_calls": False}):
+        reasons.append(chunk.choices[0].finish_reason)
+        for call in chunk.choices[0].delta.tool_calls or []:
+            name += call.function.name or ""
+            arguments += call.function.arguments or ""
+    assert reasons[-1] == "tool_calls" and name in PARAMETERS
+    jsonschema.validate(json.loads(arguments), PARAMETERS[name])
