@@ -37,8 +37,8 @@ class Row:
 
     @property
     def active(self) -> bool:
-        """Still generating: neither finished nor cancelled."""
-        return self.finish is None and not self.cancelled
+        """Still generating: neither finished, failed nor cancelled."""
+        return self.finish is None and self.error is None and not self.cancelled
 
     @property
     def generated(self) -> list[int]:

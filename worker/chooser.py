@@ -43,10 +43,10 @@ def plain_greedy(sb: SamplingBatch, steps: list[processors.LogitsProcessor]) -> 
 
 class TokenChooser:
     def __init__(self, watermark: Watermark | None, greedy_kernel: GreedyKernel | None = None,
-                 masks: Masks | None = None, on_mask: Callable[[float], None] | None = None) -> None:
+                 on_mask: Callable[[float], None] | None = None) -> None:
         self.watermark = watermark
         self.greedy_kernel = greedy_kernel
-        self.masks = masks
+        self.masks: Masks | None = None  # built at the first constrained row (it starts llguidance's threads)
         self.on_mask = on_mask  # gets each step's mask time (the metrics)
 
     def choose(self, logits: torch.Tensor, batch: Batch) -> Choice:

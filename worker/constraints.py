@@ -70,13 +70,16 @@ class Masks:
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
         self._executor = LLExecutor()
+        self._bitmask = allocate_token_bitmask(1, vocab_size)  # grown to the most rows seen, reused
         self._tables: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     def fill(self, matchers: Sequence[LLMatcher]) -> torch.Tensor:
         """The matchers' next allowed ids as llguidance's bitmask [n, ceil(V / 32)] int32 (bit k of word w:
         id 32w + k), computed in llguidance's threads without the GIL."""
         n = len(matchers)
-        bitmask = allocate_token_bitmask(n, self.vocab_size)
+        if self._bitmask.shape[0] < n:
+            self._bitmask = allocate_token_bitmask(n, self.vocab_size)
+        bitmask = self._bitmask[:n]
         fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
         return bitmask
 

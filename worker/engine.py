@@ -313,8 +313,7 @@ class Engine:
             if row.cancelled:  # cancelled while its prefill ran: it leaves without another event
                 continue
             if i in choice.failed:
-                row.error = server_error(row.job, choice.failed[i], "constraint")
-                row.cancelled = True  # leaves the batch; _collect_finished reports its error
+                row.error = server_error(row.job, choice.failed[i], "constraint")  # it leaves the batch
                 events.append(row.error)
                 continue
             events.append(row.accept(int(token_id), float(logprob), special, self._decode_final, top.get(i, ())))

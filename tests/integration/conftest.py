@@ -70,3 +70,14 @@ def stack(redis_server, tiny_model_dir):
     s = make_stack(redis_server.url, tiny_model_dir)
     yield s
     s.stop()
+
+
+def make_fragile_stack(redis_url: str, model: str, max_batch_size: int) -> Stack:
+    """Two workers with 2-second leases, so a killed worker's jobs are re-run quickly."""
+    redis.Redis.from_url(redis_url).flushall()
+    stack = make_stack(redis_url, model, workers=0)
+    for _ in range(2):
+        stack.workers.append(start_worker(redis_url, model, "--model-id", MODEL_ID, "--lease-ttl", "2",
+                                          "--max-batch-size", str(max_batch_size)))
+    wait_worker_ready(stack.redis, stack.workers)
+    return stack

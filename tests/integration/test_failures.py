@@ -7,16 +7,14 @@ import signal
 import time
 
 import pytest
-import redis
 import requests
 from rq import Queue
 from rq.registry import CanceledJobRegistry
 from rq.serializers import JSONSerializer
 
 from common import protocol
-from tests.support.processes import start_worker, wait_worker_ready
 
-from .conftest import MODEL_ID, make_stack
+from .conftest import MODEL_ID, make_fragile_stack, make_stack
 from .sse import stream_events
 
 pytestmark = pytest.mark.integration
@@ -24,15 +22,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def fragile_stack(redis_server, tiny_model_dir):
-    """Two workers with 2-second leases, so a killed worker's jobs are reaped quickly."""
-    redis.Redis.from_url(redis_server.url).flushall()
-    s = make_stack(redis_server.url, tiny_model_dir, workers=0)
-    for _ in range(2):
-        s.workers.append(start_worker(s.redis_url, s.model, "--model-id", MODEL_ID, "--lease-ttl", "2",
-                                      "--max-batch-size", "8"))
-    wait_worker_ready(s.redis, s.workers)
-    yield s
-    s.stop()
+    stack = make_fragile_stack(redis_server.url, tiny_model_dir, max_batch_size=8)
+    yield stack
+    stack.stop()
 
 
 def test_sigkill_of_a_worker_loses_no_request(fragile_stack):

@@ -11,15 +11,13 @@ import time
 
 import jsonschema
 import pytest
-import redis
 import requests
 
 from rq.job import Job
 from rq.registry import FinishedJobRegistry
 
-from tests.support.processes import start_worker, wait_worker_ready
 
-from .conftest import MODEL_ID, make_stack
+from .conftest import make_fragile_stack
 from .faults import rq_queue
 from .sse import stream_events
 
@@ -186,15 +184,9 @@ def test_v1_refuses_bad_constraints_with_400_naming_the_field(stack, fields, par
 
 @pytest.fixture
 def fragile_stack(redis_server, tiny_model_dir):
-    """Two workers with 2-second leases, so a killed worker's jobs are re-run quickly."""
-    redis.Redis.from_url(redis_server.url).flushall()
-    s = make_stack(redis_server.url, tiny_model_dir, workers=0)
-    for _ in range(2):
-        s.workers.append(start_worker(s.redis_url, s.model, "--model-id", MODEL_ID, "--lease-ttl", "2",
-                                      "--max-batch-size", "4"))
-    wait_worker_ready(s.redis, s.workers)
-    yield s
-    s.stop()
+    stack = make_fragile_stack(redis_server.url, tiny_model_dir, max_batch_size=4)
+    yield stack
+    stack.stop()
 
 
 def test_a_constrained_job_rerun_after_its_worker_dies_follows_its_grammar_from_the_start(fragile_stack):
