@@ -8,7 +8,9 @@ family (llama.cpp calls its fallback for templates it does not know the "generic
 
 and the output is constrained to it (`api.core.constraints`, compiled by llguidance in the worker):
 - `required`: the answer is that JSON, with one or more calls of the offered functions, each one's
-  `arguments` valid under its `parameters` schema (one call when `parallel_tool_calls` is false);
+  `arguments` valid under its `parameters` schema: at most as many calls as functions are offered
+  (a small model repeats a call until `max_tokens` otherwise: SmolLM2 at temperature 0 did), one
+  when `parallel_tool_calls` is false;
 - a named function: exactly one call of that function;
 - `auto` (the default with tools): a grammar with two branches, free text that does not start with
   `{`, or the call JSON; the model's first token picks the branch;
@@ -73,8 +75,7 @@ class Tools:
             return None
         offered = [f for f in self.functions if self.named in (None, f.name)]
         calls = {"type": "array", "items": {"anyOf": [_call_schema(f) for f in offered]}, "minItems": 1}
-        if not self.parallel or self.named is not None:
-            calls["maxItems"] = 1
+        calls["maxItems"] = len(offered) if self.parallel and self.named is None else 1
         envelope = {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"],
                     "additionalProperties": False}
         if self.choice != "auto":

@@ -167,8 +167,7 @@ def test_huggingface_hubs_chat_completion_with_response_format_and_tools(smollm2
                                  max_tokens=30, response_format={"type": "json", "value": schema})
     assert "capital" in json.loads(out.choices[0].message.content)
     out = client.chat_completion([{"role": "user", "content": "What is the weather in Paris?"}], max_tokens=60,
-                                 tools=[WEATHER_TOOL], tool_choice="required",
-                                 extra_body={"parallel_tool_calls": False})  # a repeated call could outrun max_tokens
+                                 tools=[WEATHER_TOOL], tool_choice="required")
     call = out.choices[0].message.tool_calls[0]
     arguments = call.function.arguments
     arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
@@ -184,7 +183,7 @@ def test_a_tool_call_then_a_second_turn_with_its_result(smollm2, stream, tool_ch
     client = OpenAI(base_url=smollm2 + "/v1", api_key="-", max_retries=0)
     messages = [{"role": "user", "content": "What is the weather in Paris, in Celsius?"}]
     ask = dict(model="smollm2", messages=messages, tools=[WEATHER_TOOL], tool_choice=tool_choice,
-               temperature=0, max_tokens=60, parallel_tool_calls=False)  # a repeated call could outrun max_tokens
+               temperature=0, max_tokens=60)
     if stream:
         parts: dict[int, dict] = {}
         reason = None

@@ -48,7 +48,9 @@ def test_a_named_function_or_no_parallel_calls_means_exactly_one_call(follows):
     assert not follows(named, '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Rome"}}]}')
     single = read_tools({"tools": [TIME], "tool_choice": "required", "parallel_tool_calls": False})
     two = '{"tool_calls": [{"name": "get_time", "arguments": {}}, {"name": "get_time", "arguments": {}}]}'
-    assert not follows(single, two) and follows(read_tools({"tools": [TIME], "tool_choice": "required"}), two)
+    assert not follows(single, two) and follows(read_tools({"tools": [TIME, WEATHER], "tool_choice": "required"}), two)
+    # parallel calls are at most as many as the offered functions: a repeating model cannot run on
+    assert not follows(read_tools({"tools": [TIME], "tool_choice": "required"}), two)
 
 
 def test_auto_allows_text_or_a_call(follows):
